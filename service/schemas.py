@@ -1,0 +1,216 @@
+"""Pydantic models: the one schema layer for callbacks, query parameters and documents.
+
+The same models validate what comes in, shape what goes out and generate the OpenAPI document.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+)
+
+AssetStatus = Literal["importing", "ready", "failed", "deleted"]
+AssetKind = Literal["video", "image", "audio", "poster", "thumbnail", "other"]
+ShotstackId = Annotated[str, StringConstraints(min_length=1, max_length=255, strip_whitespace=True)]
+
+
+def _as_utc(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _comma_list(value: Any) -> Any:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",")]
+    return value
+
+
+Timestamp = Annotated[datetime, AfterValidator(_as_utc)]
+
+
+# --- Callbacks from Shotstack (SPEC §3) -----------------------------------------------------
+
+
+class Callback(BaseModel):
+    """Fields common to both known callbacks; unknown extra fields are kept."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: ShotstackId
+    status: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    owner: str | None = None
+    url: str | None = None
+    error: Any = None
+    completed: Timestamp | None = None
+
+
+class EditCallback(Callback):
+    type: Literal["edit"]
+    action: Literal["render"]
+
+
+class ServeCallback(Callback):
+    type: Literal["serve"]
+    action: Literal["copy"]
+    render: ShotstackId
+    filename: str | None = None
+    updated: Timestamp | None = None
+
+
+class WebhookAnswer(BaseModel):
+    """The body of a 200 to Shotstack."""
+
+    outcome: Literal["processed", "ignored", "unconfirmed", "failed", "duplicate"]
+
+
+# --- JSON:API documents (SPEC §4) ---------------------------------------------------------
+
+
+class ErrorSource(BaseModel):
+    parameter: str | None = None
+    pointer: str | None = None
+    header: str | None = None
+
+
+class ErrorObject(BaseModel):
+    status: str
+    code: str
+    title: str
+    detail: str
+    source: ErrorSource | None = None
+
+
+class ErrorDocument(BaseModel):
+    errors: list[ErrorObject]
+
+
+class AssetAttributes(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    renderId: str
+    owner: str | None
+    region: str | None
+    filename: str | None
+    url: str | None
+    status: AssetStatus
+    kind: AssetKind
+    created: datetime | None
+    updated: datetime | None
+    firstSeenAt: datetime
+    lastSyncedAt: datetime | None
+    deletedAt: datetime | None
+    deletedBy: str | None
+
+
+class SelfLink(BaseModel):
+    self: str
+
+
+class AssetResource(BaseModel):
+    type: Literal["assets"] = "assets"
+    id: str
+    attributes: AssetAttributes
+    links: SelfLink
+
+
+class ResourceIdentifier(BaseModel):
+    type: str
+    id: str
+
+
+class AssetsRelationship(BaseModel):
+    data: list[ResourceIdentifier]
+
+
+class RenderRelationships(BaseModel):
+    assets: AssetsRelationship
+
+
+class RenderAttributes(BaseModel):
+    status: Literal["unknown", "done", "failed"]
+    tracking: Literal["pending", "settled", "expired"]
+    attempts: int
+    lastError: str | None
+    nextCheckAt: datetime | None
+    settledAt: datetime | None
+    firstSeenAt: datetime
+
+
+class RenderResource(BaseModel):
+    type: Literal["renders"] = "renders"
+    id: str
+    attributes: RenderAttributes
+    relationships: RenderRelationships
+    links: SelfLink
+
+
+class PageLinks(BaseModel):
+    self: str
+    next: str | None
+
+
+class AssetDocument(BaseModel):
+    data: AssetResource
+
+
+class AssetListDocument(BaseModel):
+    data: list[AssetResource]
+    links: PageLinks
+
+
+class RenderDocument(BaseModel):
+    data: RenderResource
+
+
+class RenderAssetsDocument(BaseModel):
+    data: list[AssetResource]
+    links: SelfLink
+
+
+class NewRender(BaseModel):
+    type: Literal["renders"]
+    id: ShotstackId
+
+
+class NewRenderDocument(BaseModel):
+    """`POST /api/renders`: JSON:API lets a document carry more; only `data` is read."""
+
+    data: NewRender
+
+
+# --- Query parameters ---------------------------------------------------------------------
+
+MAX_PAGE_SIZE = 500
+
+
+class ListAssetsQuery(BaseModel):
+    """The query of `GET /api/assets`; an unknown parameter is an error."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=False)
+
+    status: Annotated[
+        list[AssetStatus] | None, BeforeValidator(_comma_list), Field(alias="filter[status]")
+    ] = None
+    kind: Annotated[
+        list[AssetKind] | None, BeforeValidator(_comma_list), Field(alias="filter[kind]")
+    ] = None
+    render_id: Annotated[ShotstackId | None, Field(alias="filter[renderId]")] = None
+    seen_after: Annotated[Timestamp | None, Field(alias="filter[seenAfter]")] = None
+    seen_before: Annotated[Timestamp | None, Field(alias="filter[seenBefore]")] = None
+    page_size: Annotated[int, Field(alias="page[size]", ge=1, le=MAX_PAGE_SIZE)] = 50
+    page_after: Annotated[str | None, Field(alias="page[after]", min_length=1)] = None
+
+
+class AssetQuery(BaseModel):
+    """The query of `GET /api/assets/{id}`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    refresh: bool = False

@@ -1,0 +1,267 @@
+"""`POST /webhooks/shotstack`: store every callback before answering, then apply it (SPEC §3)."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+from urllib.parse import urlsplit
+
+from flask import Blueprint, Flask, Response, current_app, request
+from pydantic import ValidationError
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
+from .assets import CALLBACK_STATUSES, AssetFacts, record_asset, track_render
+from .config import Settings
+from .db import get_session, insert_for, utcnow
+from .jsonapi import ApiError, Unauthorized, error_response
+from .models import Source, WebhookEvent
+from .schemas import EditCallback, ServeCallback, WebhookAnswer
+
+MAX_BODY = 64 * 1024
+CDN_HOST = "cdn.shotstack.io"
+RETRY_FIRST_DELAY = timedelta(seconds=30)
+
+bp = Blueprint("webhooks", __name__)
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Classified:
+    """What a callback body is, decided before anything is written."""
+
+    state: str  # processed | rejected | ignored | unconfirmed
+    http_status: int
+    dedupe_key: str
+    payload: dict[str, Any] | None = None
+    raw: str | None = None
+    callback: EditCallback | ServeCallback | None = None
+    error: str | None = None
+    pointer: str | None = None
+    columns: dict[str, Any] = field(default_factory=dict)
+
+
+def _body_key(body: bytes) -> str:
+    return "sha256:" + hashlib.sha256(body).hexdigest()
+
+
+def _on_our_cdn(url: str | None, env: str) -> bool:
+    """True for a Shotstack CDN URL of this environment (`/{region}/{env}/{owner}/{file}`)."""
+    if url is None:  # a failed copy may carry no URL; the lookup will tell
+        return True
+    parts = urlsplit(url)
+    segments = parts.path.strip("/").split("/")
+    return parts.hostname == CDN_HOST and len(segments) >= 4 and segments[1] == env
+
+
+def classify(body: bytes, settings: Settings) -> Classified:
+    """Decide how a body is stored and answered (SPEC §3), without touching the database."""
+    try:
+        payload = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        payload = None
+    if not isinstance(payload, dict):
+        return Classified(
+            "rejected",
+            400,
+            _body_key(body),
+            raw=body.decode("utf-8", "replace"),
+            error="the body is not a JSON object",
+        )
+    kind = (payload.get("type"), payload.get("action"))
+    model: type[EditCallback] | type[ServeCallback]
+    if kind == ("edit", "render"):
+        model = EditCallback
+    elif kind == ("serve", "copy"):
+        model = ServeCallback
+    else:
+        return Classified(
+            "ignored", 200, _body_key(body), payload=payload, columns=_columns(payload)
+        )
+    try:
+        callback = model.model_validate(payload)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False, include_input=False)[0]
+        where = "/".join(str(p) for p in first["loc"])
+        return Classified(
+            "rejected",
+            422,
+            _body_key(body),
+            payload=payload,
+            columns=_columns(payload),
+            error=f"/{where}: {first['msg']}",
+            pointer=f"/{where}",
+        )
+    key = f"{callback.type}:{callback.action}:{callback.id}:{callback.status}"
+    columns = _columns(payload)
+    if isinstance(callback, EditCallback):
+        state = "processed" if callback.status in ("done", "failed") else "ignored"
+    elif not _on_our_cdn(callback.url, settings.shotstack_env):
+        state = "ignored"
+    elif callback.status in CALLBACK_STATUSES:
+        state = "processed"
+    else:  # `deleted` or unheard of: only a lookup may apply it (SPEC §3)
+        state = "unconfirmed"
+    return Classified(state, 200, key, payload=payload, callback=callback, columns=columns)
+
+
+def _columns(payload: dict[str, Any]) -> dict[str, Any]:
+    def text(name: str) -> str | None:
+        value = payload.get(name)
+        return value if isinstance(value, str) else None
+
+    return {
+        "event_type": text("type"),
+        "event_action": text("action"),
+        "object_id": text("id"),
+        "object_status": text("status"),
+        "render_id": text("render") if payload.get("type") == "serve" else text("id"),
+    }
+
+
+def apply_callback(
+    session: Session, callback: EditCallback | ServeCallback, *, now: datetime, grace: float
+) -> None:
+    """Apply a stored, known callback to renders and assets."""
+    if isinstance(callback, EditCallback):
+        track_render(session, callback.id, now=now, grace=grace, edit_status=callback.status)
+        return
+    facts = AssetFacts(
+        id=callback.id,
+        render_id=callback.render,
+        status=callback.status,
+        owner=callback.owner,
+        filename=callback.filename,
+        url=callback.url,
+        updated=callback.updated or callback.completed,
+    )
+    record_asset(session, facts, source=Source.CALLBACK, now=now, grace=grace)
+
+
+def store_event(session: Session, found: Classified, *, now: datetime) -> int | None:
+    """Insert the event unless its dedupe key is stored; return its id, or None if it was."""
+    stmt = (
+        insert_for(session, WebhookEvent)
+        .values(
+            dedupe_key=found.dedupe_key,
+            received_at=now,
+            state=found.state,
+            http_status=found.http_status,
+            payload=found.payload,
+            raw=found.raw,
+            error=found.error,
+            attempts=0,
+            next_attempt_at=now if found.state == "unconfirmed" else None,
+            processed_at=now if found.state == "processed" else None,
+            **found.columns,
+        )
+        .on_conflict_do_nothing(index_elements=["dedupe_key"])
+        .returning(WebhookEvent.id)
+    )
+    return session.execute(stmt).scalar()
+
+
+def process_stored(
+    session: Session,
+    event_id: int,
+    callback: EditCallback | ServeCallback,
+    *,
+    now: datetime,
+    grace: float,
+) -> bool:
+    """Apply a stored event inside a SAVEPOINT; on failure mark it `failed`. True if applied."""
+    try:
+        with session.begin_nested():
+            apply_callback(session, callback, now=now, grace=grace)
+    except Exception as exc:
+        log.exception("callback %s could not be applied; it will be retried", event_id)
+        session.execute(
+            update(WebhookEvent)
+            .where(WebhookEvent.id == event_id)
+            .values(
+                state="failed",
+                error=f"{type(exc).__name__}: {exc}"[:2000],
+                processed_at=None,
+                next_attempt_at=now + RETRY_FIRST_DELAY,
+            )
+        )
+        return False
+    return True
+
+
+def _token_ok(settings: Settings) -> bool:
+    given = request.args.get("token") or request.headers.get("X-Webhook-Token") or ""
+    given_bytes = given.encode()
+    ok = False
+    for token in settings.webhook_token:  # compare with all, in constant time each
+        ok |= hmac.compare_digest(given_bytes, token.get_secret_value().encode())
+    return ok
+
+
+def _read_body() -> bytes:
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        raise ApiError(
+            f"the body is larger than {MAX_BODY} bytes",
+            status=413,
+            code="too_large",
+            title="Payload too large",
+        )
+    body = request.stream.read(MAX_BODY + 1)
+    if len(body) > MAX_BODY:
+        raise ApiError(
+            f"the body is larger than {MAX_BODY} bytes",
+            status=413,
+            code="too_large",
+            title="Payload too large",
+        )
+    return body
+
+
+@bp.post("/webhooks/shotstack")
+def receive() -> Response:
+    settings: Settings = current_app.config["SETTINGS"]
+    if not _token_ok(settings):
+        raise Unauthorized("a valid webhook token is required (query `token` or X-Webhook-Token)")
+    body = _read_body()
+    found = classify(body, settings)
+    now = utcnow()
+    session = get_session()
+    outcome = found.state
+    with session.begin():
+        event_id = store_event(session, found, now=now)
+        if event_id is None:
+            outcome = "duplicate"
+        elif found.state == "processed" and found.callback is not None:
+            applied = process_stored(
+                session, event_id, found.callback, now=now, grace=settings.reconcile_grace
+            )
+            outcome = "processed" if applied else "failed"
+    log.info(
+        "callback stored",
+        extra={
+            "outcome": outcome,
+            "event_type": found.columns.get("event_type"),
+            "object_id": found.columns.get("object_id"),
+            "attempt": request.headers.get("X-Shotstack-Attempt"),
+        },
+    )
+    if found.http_status != 200:
+        return error_response(
+            ApiError(
+                found.error or "rejected",
+                status=found.http_status,
+                pointer=found.pointer,
+                code="invalid_callback" if found.http_status == 422 else "not_json",
+                title="Unprocessable callback" if found.http_status == 422 else "Bad request",
+            )
+        )
+    return Response(WebhookAnswer(outcome=outcome).model_dump_json(), mimetype="application/json")
+
+
+def init_app(app: Flask) -> None:
+    app.register_blueprint(bp)
