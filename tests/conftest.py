@@ -118,15 +118,16 @@ def auth() -> dict[str, str]:
 @pytest.fixture(scope="session")
 def live_url(pg_url: str) -> str:
     """A database of its own, migrated once, for tests that need real commits."""
-    base, _, _name = pg_url.rpartition("/")
+    base, _, name = pg_url.rpartition("/")
+    live_name = f"{name}_live"  # beside the test database, so parallel suites keep apart
     admin = base.replace("postgresql+psycopg://", "postgresql://") + "/postgres"
     with psycopg.connect(admin, autocommit=True) as conn:
         exists = conn.execute(
-            "SELECT 1 FROM pg_database WHERE datname = 'asset_tracker_live'"
+            "SELECT 1 FROM pg_database WHERE datname = %s", (live_name,)
         ).fetchone()
         if not exists:
-            conn.execute("CREATE DATABASE asset_tracker_live")
-    url = f"{base}/asset_tracker_live"
+            conn.execute(f'CREATE DATABASE "{live_name}"')
+    url = f"{base}/{live_name}"
     engine = make_engine(url)
     migrate(engine)
     engine.dispose()
