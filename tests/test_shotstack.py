@@ -153,7 +153,10 @@ def test_get_asset_reads_both_shapes(budget: RateBudget, shape: str, type_name: 
     assert facts is not None
     assert (facts.id, facts.render_id, facts.status, facts.region) == (ASSET, RENDER, "ready", "au")
     assert facts.filename == f"{RENDER}.mp4"
-    assert facts.created is not None and facts.created.isoformat() == "2021-07-12T11:04:44.574000+00:00"
+    assert (
+        facts.created is not None
+        and facts.created.isoformat() == "2021-07-12T11:04:44.574000+00:00"
+    )
 
 
 def test_get_unknown_asset_is_none(standin: ServeStandIn, budget: RateBudget) -> None:
