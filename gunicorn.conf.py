@@ -1,8 +1,57 @@
-"""gunicorn settings for the `web` process (see Procfile)."""
+"""gunicorn settings for the `web` process (see Procfile): `gunicorn -c gunicorn.conf.py ...`.
 
+The workload: Shotstack's callbacks must be answered well under 1 s (it gives up after 10 s and
+retries), while an API request that calls Shotstack may wait up to 8 s. So a slow Shotstack
+call must never hold the thread that a callback needs.
+"""
+
+from __future__ import annotations
+
+import glob
 import os
+import tempfile
+from typing import Any
 
+# Threads, not processes alone: a request waiting on Shotstack (or on Postgres) blocks one
+# thread of a worker, and the other threads keep answering callbacks. gthread also keeps
+# its heartbeat on the main thread, so a long request never looks like a hung worker.
+worker_class = "gthread"
+# WEB_CONCURRENCY is the platform's convention for the number of processes. The default of
+# two per core (at least 2) keeps one crash or GC pause from stalling everything; each has
+# `threads` threads, well within the database pool of each process (5 + 10 overflow).
+workers = int(os.environ.get("WEB_CONCURRENCY") or max(2, 2 * (os.cpu_count() or 1)))
+threads = int(os.environ.get("GUNICORN_THREADS", "8"))
 bind = f"0.0.0.0:{os.environ.get('PORT', '8000')}"
-workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+# Longer than the 8 s deadline of a Shotstack call plus a database timeout, so a slow but
+# healthy request is never killed; a stuck one is.
+timeout = 30
+graceful_timeout = 20
+# Behind a load balancer that reuses connections; longer than the default 2 s avoids
+# reconnecting for each of a burst of callbacks.
+keepalive = 5
+
+# Logs go to stdout, as JSON lines, through the service's logger class: its access line has
+# the path but never the query string, where the webhook token travels (SPEC §3), and every
+# line passes the redactor of service/logs.py.
 accesslog = "-"
 errorlog = "-"
+logger_class = "service.logs.GunicornLogger"
+
+# Metrics from all worker processes are summed by prometheus_client's multiprocess mode: each
+# process writes its values to files in this directory. It must be set before the app (and
+# prometheus_client) is imported, and it must not hold files of an earlier run.
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="asset-tracker-metrics-")
+
+
+def on_starting(server: Any) -> None:
+    """Forget the metrics of an earlier run that used the same directory."""
+    for stale in glob.glob(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], "*.db")):
+        os.remove(stale)
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    """Let a dead worker's live gauges go, keeping its counters in the sums."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)

@@ -18,11 +18,14 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     settings = load_settings(**(test_config or {}))
     app.config["SETTINGS"] = settings
 
-    from . import api, db, health, jsonapi, webhooks
+    from . import api, db, health, jsonapi, logs, metrics, openapi, webhooks
 
+    logs.init_app(app)
     db.init_app(app)
+    metrics.init_app(app)
     jsonapi.init_app(app)
     health.init_app(app)
     webhooks.init_app(app)
     api.init_app(app)
+    openapi.init_app(app)
     return app

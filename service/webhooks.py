@@ -20,6 +20,7 @@ from .assets import CALLBACK_STATUSES, AssetFacts, record_asset, track_render
 from .config import Settings
 from .db import get_session, insert_for, utcnow
 from .jsonapi import ApiError, Unauthorized, error_response
+from .metrics import count_callback
 from .models import Source, WebhookEvent
 from .schemas import EditCallback, ServeCallback, WebhookAnswer
 
@@ -250,6 +251,7 @@ def receive() -> Response:
             "attempt": request.headers.get("X-Shotstack-Attempt"),
         },
     )
+    count_callback(found.columns.get("event_type"), outcome)
     if found.http_status != 200:
         return error_response(
             ApiError(
