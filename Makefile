@@ -22,7 +22,7 @@ migrate: install .env
 
 # Runs the Procfile's web and worker together on $(PORT); never `release` (that is `migrate`).
 run: migrate
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/honcho start --port $(PORT) web
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/honcho start --port $(PORT) web worker
 
 test: install
 	$(BIN)/pytest
