@@ -3,20 +3,27 @@
 from __future__ import annotations
 
 import hmac
+import logging
+from collections.abc import Callable
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 from urllib.parse import urlencode
 
 from flask import Blueprint, Flask, Response, current_app, g, request
 from pydantic import BaseModel, ValidationError
-from sqlalchemy import select
+from sqlalchemy import or_, select
+from sqlalchemy.orm import Session
 
 from . import assets as domain
+from . import shotstack
 from .config import Settings
-from .db import get_session, utcnow
+from .db import get_session, insert_for, utcnow
 from .jsonapi import (
     ApiError,
+    Conflict,
     NotFound,
     Unauthorized,
+    Unavailable,
     asset_resource,
     decode_cursor,
     document,
@@ -25,7 +32,7 @@ from .jsonapi import (
     render_resource,
     validation_errors,
 )
-from .models import Asset, Render
+from .models import Asset, Render, Source
 from .schemas import (
     AssetDocument,
     AssetListDocument,
@@ -40,7 +47,10 @@ from .schemas import (
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 Q = TypeVar("Q", bound=BaseModel)
+T = TypeVar("T")
+log = logging.getLogger(__name__)
 ACCEPTED_BODY_TYPES = ("application/vnd.api+json", "application/json")
+RENDER_LOOKUP_EVERY = timedelta(seconds=5)  # SPEC §4: the fallback asks at most this often
 
 
 @bp.before_request
@@ -136,16 +146,85 @@ def list_assets() -> Response:
 def get_asset(asset_id: str) -> Response:
     query = parse_query(AssetQuery)
     if query.refresh:
-        refresh = current_app.extensions.get("asset_refresh")
-        if refresh is None:
-            raise ApiError(
-                "refresh from Shotstack is not available",
-                status=501,
-                code="not_implemented",
-                title="Not implemented",
-            )
-        refresh(asset_id)
+        # Nothing is read before the call, so no transaction is open across it (SPEC §4).
+        facts = _ask_shotstack(lambda client: client.get_asset(asset_id))
+        if facts is not None:  # a Shotstack 404 leaves the record as it is
+            _record(get_session(), [facts])
     return document(AssetDocument(data=asset_resource(_asset_or_404(asset_id))))
+
+
+@bp.delete("/assets/<asset_id>")
+def delete_asset(asset_id: str) -> Response:
+    """Delete an asset at Shotstack, then mark it `deleted` here (SPEC §4's table)."""
+    parse_query(_NoQuery)
+    session = get_session()
+    asset = session.get(Asset, asset_id)
+    status = asset.status if asset is not None else None
+    session.rollback()  # no transaction is held across a call to Shotstack (SPEC §4)
+    if status is None:
+        facts = _ask_shotstack(lambda client: client.get_asset(asset_id))
+        if facts is None:
+            raise NotFound(f"no asset {asset_id!r} is known here or at Shotstack")
+        _record(session, [facts])
+        status = facts.status
+    if status == "importing":
+        raise Conflict(
+            f"asset {asset_id!r} is still being copied to hosting; retry when it is ready"
+        )
+    if status != "deleted":
+        _ask_shotstack(lambda client: client.delete_asset(asset_id))
+        with session.begin():
+            domain.mark_deleted(session, asset_id, by=g.api_key_name, now=utcnow())
+    return Response(status=204)
+
+
+def _ask_shotstack(call: Callable[[shotstack.ServeClient], T]) -> T:
+    """Make the calls of one request within its deadline; answer Shotstack's failures.
+
+    The client is bounded once per request, so the calls of a request share the 8 s.
+    """
+    if "shotstack_client" not in g:
+        g.shotstack_client = shotstack.get_client().bounded(shotstack.WEB_DEADLINE)
+    try:
+        return call(g.shotstack_client)
+    except shotstack.ShotstackRateLimited as exc:
+        wait = shotstack.ceil_seconds(exc.retry_after)
+        raise Unavailable(
+            f"Shotstack's rate limit is reached; retry in {wait} s",
+            code="shotstack_rate_limited",
+            headers={"Retry-After": str(wait)},
+        ) from None
+    except shotstack.ShotstackAuthError:
+        raise _bad_gateway(
+            "shotstack_auth_error",
+            "Shotstack refused this service's API key: check SHOTSTACK_API_KEY and that it "
+            "is a key of the environment SHOTSTACK_ENV names",
+        ) from None
+    except shotstack.ShotstackNotConfigured:
+        raise _bad_gateway(
+            "shotstack_not_configured",
+            "SHOTSTACK_API_KEY is not set, so this service cannot call Shotstack",
+        ) from None
+    except shotstack.ShotstackError as exc:
+        log.warning("Shotstack failed while serving %s %s: %s", request.method, request.path, exc)
+        raise _bad_gateway(
+            "shotstack_unavailable",
+            "Shotstack failed or did not answer in time; nothing was changed, try again",
+        ) from None
+
+
+def _bad_gateway(code: str, detail: str) -> ApiError:
+    return ApiError(detail, status=502, code=code, title="Bad gateway")
+
+
+def _record(session: Session, found: list[domain.AssetFacts]) -> None:
+    """Store what a lookup said, in one short transaction of its own."""
+    settings: Settings = current_app.config["SETTINGS"]
+    with session.begin():
+        for facts in found:
+            domain.record_asset(
+                session, facts, source=Source.LOOKUP, now=utcnow(), grace=settings.reconcile_grace
+            )
 
 
 @bp.post("/renders")
@@ -189,11 +268,7 @@ def get_render_assets(render_id: str) -> Response:
     session = get_session()
     found = domain.render_assets(session, render_id)
     if not found:
-        fallback = current_app.extensions.get("render_fallback")
-        if fallback is not None:
-            found = fallback(render_id)
-        elif session.get(Render, render_id) is None:
-            raise NotFound(f"no render {render_id!r} is known here")
+        found = _look_up_render(session, render_id)
     return document(
         RenderAssetsDocument(
             data=[asset_resource(a) for a in found],
@@ -202,11 +277,46 @@ def get_render_assets(render_id: str) -> Response:
     )
 
 
+def _look_up_render(session: Session, render_id: str) -> list[Asset]:
+    """Ask Shotstack for a render's assets, unless it was asked in the last 5 s; store them.
+
+    Taking the turn tracks the render from then on, even if Shotstack then fails.
+    """
+    asks = _claim_lookup(session, render_id, now=utcnow())
+    session.commit()  # no transaction is held across a call to Shotstack (SPEC §4)
+    if asks:
+        _record(session, _ask_shotstack(lambda client: client.assets_by_render(render_id)))
+    return domain.render_assets(session, render_id)
+
+
+def _claim_lookup(session: Session, render_id: str, *, now: datetime) -> bool:
+    """Track the render and take its lookup turn; False if another took one within 5 s."""
+    settings: Settings = current_app.config["SETTINGS"]
+    r = Render.__table__.c
+    stmt = insert_for(session, Render).values(
+        id=render_id,
+        status="unknown",
+        tracking="pending",
+        attempts=0,
+        next_check_at=now + timedelta(seconds=settings.reconcile_grace),
+        first_seen_at=now,
+        last_lookup_at=now,
+    )
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[r.id],
+        set_={"last_lookup_at": now},
+        where=or_(r.last_lookup_at.is_(None), r.last_lookup_at <= now - RENDER_LOOKUP_EVERY),
+    ).returning(r.id)
+    return session.execute(stmt).scalar() is not None
+
+
 class _NoQuery(BaseModel):
     model_config = {"extra": "forbid"}
 
 
 def init_app(app: Flask) -> None:
+    # The API is the web app's one caller of Shotstack: its client is made with it, after fork.
+    shotstack.init_app(app)
     app.register_blueprint(bp)
 
 
