@@ -60,19 +60,31 @@ def _on_our_cdn(url: str | None, env: str) -> bool:
     return parts.hostname == CDN_HOST and len(segments) >= 4 and segments[1] == env
 
 
+def _storable(value: Any) -> bool:
+    """True unless a string in the document is one Postgres cannot store (NUL, lone surrogate)."""
+    if isinstance(value, str):
+        return "\x00" not in value and not any("\ud800" <= c <= "\udfff" for c in value)
+    if isinstance(value, dict):
+        return all(_storable(k) and _storable(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_storable(v) for v in value)
+    return True
+
+
 def classify(body: bytes, settings: Settings) -> Classified:
     """Decide how a body is stored and answered (SPEC §3), without touching the database."""
     try:
         payload = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError):
         payload = None
-    if not isinstance(payload, dict):
+    if not isinstance(payload, dict) or not _storable(payload):
         return Classified(
             "rejected",
             400,
             _body_key(body),
-            raw=body.decode("utf-8", "replace"),
-            error="the body is not a JSON object",
+            # Postgres text holds no NUL character.
+            raw=body.decode("utf-8", "replace").replace("\x00", "\ufffd"),
+            error="the body is not a JSON object (or holds a NUL or a lone surrogate)",
         )
     kind = (payload.get("type"), payload.get("action"))
     model: type[EditCallback] | type[ServeCallback]
