@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
+import psycopg
 from flask import Flask, current_app, g
+from psycopg.abc import PQGen
+from psycopg.errors import _WaitTimeout
+from psycopg.rows import TupleRow
 from sqlalchemy import JSON, DateTime, MetaData, create_engine, event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import JSONB
@@ -27,6 +31,15 @@ NAMING_CONVENTION = {
 CONNECT_TIMEOUT_S = 2
 STATEMENT_TIMEOUT_MS = 3000
 POOL_TIMEOUT_S = 2
+# The server enforces statement_timeout, so it cannot end a wait on a server (or a path to it)
+# that stopped answering; tcp_user_timeout only helps while sent bytes go unacknowledged. The
+# client therefore stops waiting for any answer a little after the server would have cancelled.
+ANSWER_TIMEOUT_S = STATEMENT_TIMEOUT_MS / 1000 + 0.5
+# A pooled connection's ping is one empty round trip; a short bound leaves room to reconnect
+# (connect_timeout) within the 5 s of SPEC §3.
+PING_TIMEOUT_S = 1.0
+
+RV = TypeVar("RV")
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -70,6 +83,46 @@ def insert_for(session: Session, table: Any) -> Any:
     return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
 
 
+class BoundedConnection(psycopg.Connection[TupleRow]):
+    """A psycopg connection that gives up on a server that does not answer in time.
+
+    psycopg's `wait()` accepts a timeout, but none of its operations pass one: this class
+    passes `answer_timeout` to every wait (execute, fetch, commit, rollback). An exchange cut
+    short leaves the protocol state unknown, so the connection is closed and the pool drops it.
+    """
+
+    answer_timeout: float = ANSWER_TIMEOUT_S
+
+    def wait(self, gen: PQGen[RV], interval: float = 0.1, timeout: float | None = None) -> RV:
+        try:
+            return super().wait(gen, interval, self.answer_timeout if timeout is None else timeout)
+        except _WaitTimeout:
+            self.pgconn.finish()
+            raise psycopg.OperationalError(
+                f"the database did not answer within {self.answer_timeout:g} s"
+            ) from None
+
+
+def _bound_postgres_waits(engine: Engine) -> None:
+    """Connect with BoundedConnection and give the pool's ping a shorter bound."""
+
+    @event.listens_for(engine, "do_connect")
+    def _connect(_dialect: Any, _record: Any, cargs: Any, cparams: Any) -> BoundedConnection:
+        return BoundedConnection.connect(*cargs, **cparams)
+
+    plain_ping = engine.dialect.do_ping
+
+    def bounded_ping(dbapi_connection: Any) -> bool:
+        dbapi_connection.answer_timeout = PING_TIMEOUT_S
+        try:
+            return plain_ping(dbapi_connection)
+        finally:
+            del dbapi_connection.answer_timeout
+
+    # The pool calls the dialect's do_ping; no event lets one bound just the ping.
+    setattr(engine.dialect, "do_ping", bounded_ping)  # noqa: B010
+
+
 def make_engine(url: str, **kwargs: Any) -> Engine:
     """Create an engine whose every step is bounded in time (Postgres) or waits on locks."""
     if url.startswith("sqlite"):
@@ -99,7 +152,9 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     connect_args.update(kwargs.pop("connect_args", {}))
     kwargs.setdefault("pool_pre_ping", True)
     kwargs.setdefault("pool_timeout", POOL_TIMEOUT_S)
-    return create_engine(url, connect_args=connect_args, **kwargs)
+    engine = create_engine(url, connect_args=connect_args, **kwargs)
+    _bound_postgres_waits(engine)
+    return engine
 
 
 class Database:

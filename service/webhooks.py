@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 from flask import Blueprint, Flask, Response, current_app, request
 from pydantic import ValidationError
 from sqlalchemy import update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from .assets import CALLBACK_STATUSES, AssetFacts, record_asset, track_render
@@ -192,6 +193,8 @@ def process_stored(
         with session.begin_nested():
             apply_callback(session, callback, now=now, grace=grace)
     except Exception as exc:
+        if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+            raise  # the database went away: the event cannot be marked either; 503 (SPEC §3)
         log.exception("callback %s could not be applied; it will be retried", event_id)
         session.execute(
             update(WebhookEvent)
