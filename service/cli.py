@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -122,3 +123,73 @@ def sync_asset_command(asset_id: str) -> None:
     if facts is None:
         raise click.ClickException(f"asset {asset_id}: Shotstack does not know it (404)")
     click.echo(f"asset {asset_id}: {facts.status} (render {facts.render_id})")
+
+
+@main.command()
+def replay() -> None:
+    """Re-process the stored callbacks that failed; a second run changes nothing more."""
+    from .db import make_engine
+    from .events import replay as replay_events
+
+    settings = _settings()
+    _start_logging(settings)
+    engine = make_engine(settings.database_url)
+    try:
+        report = replay_events(sessionmaker(engine, expire_on_commit=False), settings)
+    finally:
+        engine.dispose()
+    click.echo(
+        f"replayed {len(report.ids)} failed event(s): {report.processed} processed, "
+        f"{report.failed} failed again"
+    )
+    if report.failed:
+        raise click.ClickException("some events failed again; their error is stored with them")
+
+
+@main.command()
+@click.option(
+    "--older-than",
+    "days",
+    type=click.IntRange(min=1),
+    required=True,
+    metavar="DAYS",
+    help="Delete assets first seen more than DAYS (at least 1) ago.",
+)
+@click.option("--dry-run", is_flag=True, help="Only list what would be deleted.")
+@click.option("--yes", is_flag=True, help="Do not ask before deleting.")
+def purge(days: int, dry_run: bool, yes: bool) -> None:
+    """Delete old `ready`/`failed` assets at Shotstack, within the rate limit (SPEC §6).
+
+    Each asset is recorded as deleted as soon as Shotstack confirms, so a run cut short can
+    simply be started again.
+    """
+    from .purge import count_purgeable, cutoff, iter_purgeable
+    from .purge import purge as purge_assets
+
+    settings = _settings()
+    _start_logging(settings)
+    before = cutoff(days)
+    with _shotstack(settings) as (sessions, client):
+        with sessions() as session:
+            total = count_purgeable(session, before=before)
+        if dry_run:
+            for asset_id in iter_purgeable(sessions, before=before):
+                click.echo(asset_id)
+            click.echo(f"{total} asset(s) first seen before {before:%Y-%m-%d %H:%M} UTC")
+            return
+        if total == 0:
+            click.echo(f"no ready or failed asset was first seen before {before:%Y-%m-%d %H:%M}")
+            return
+        if not yes:
+            click.confirm(
+                f"Delete {total} asset(s) first seen before {before:%Y-%m-%d %H:%M} UTC "
+                f"at Shotstack ({settings.shotstack_env})?",
+                abort=True,
+            )
+        with click.progressbar(length=total, label="Deleting", file=sys.stderr) as bar:
+            report = purge_assets(sessions, client, before=before, on_asset=lambda _: bar.update(1))
+    click.echo(f"deleted {len(report.deleted)} asset(s); {len(report.failed)} failed")
+    if report.failed:
+        for asset_id, reason in sorted(report.failed.items()):
+            click.echo(f"  {asset_id}: {reason}", err=True)
+        raise click.ClickException("some assets were not deleted; run the purge again later")

@@ -32,6 +32,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from .assets import AssetFacts, create_render, record_asset
 from .config import Settings
 from .db import UTCDateTime, utcnow
+from .events import Housekeeper
 from .models import Asset, Render, Source, WebhookEvent
 from .shotstack import (
     ShotstackAuthError,
@@ -494,6 +495,7 @@ class Reconciler:
         self._pause_lock = threading.Lock()
         self._nag = _Nagger()
         self._last_housekeeping = -math.inf
+        self.events = Housekeeper(sessions, settings)  # failed callbacks, old events
         # Renders in hand at once: enough to keep the pool busy, few enough that all of them
         # are looked up well within one lease even at this worker's share of the rate limit.
         fits_in_lease = int(settings.shotstack_rate_limit * self.policy.lease * 0.5)
@@ -604,6 +606,7 @@ class Reconciler:
         One line per step: each must return quickly and never raise for a passing problem.
         """
         self._step(self.confirm_callbacks)
+        self._step(self.events)
 
     def _step(self, step: Callable[[], object]) -> None:
         try:
