@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 
 from service.config import Settings
+from service.db import Base, make_engine
+from service.models import ShotstackBudget
 from service.shotstack import (
     RateBudget,
     ServeClient,
@@ -263,6 +269,27 @@ def test_bounded_client_retries_once(standin: ServeStandIn, budget: RateBudget) 
     assert standin.count("GET") == 2
 
 
+def test_deadline_cuts_a_slow_read_short(standin: ServeStandIn, budget: RateBudget) -> None:
+    """A read timeout longer than the deadline is shortened to it, and no retry follows."""
+    standin.fail_next(1, "timeout")
+    client = client_for(standin, budget, settings={"shotstack_timeout": "0.5,30"})
+    with pytest.raises(ShotstackUnavailable):
+        client.bounded(0.4).get_asset(ASSET)
+    assert standin.count() == 1
+
+
+def test_a_booked_budget_refuses_a_bounded_call(
+    standin: ServeStandIn, engine: Engine, budget: RateBudget
+) -> None:
+    slow = RateBudget(engine, 0.1)  # 10.5 s apart
+    slow.reserve()  # the next slot is 10.5 s away, more than a request's 8 s
+    client = client_for(standin, slow).bounded(8.0)
+    with pytest.raises(ShotstackRateLimited) as raised:
+        client.get_asset(ASSET)
+    assert 8.0 < raised.value.retry_after <= 10.5
+    assert standin.calls == []
+
+
 # --- 429 and auth errors reach every process through the database -----------------------------
 
 
@@ -324,3 +351,98 @@ def test_wrong_key_never_shows_the_key(
     assert isinstance(raised.value, ShotstackAuthError)
     assert secret not in caplog.text
     assert secret not in (budget.auth_error() or "")
+
+
+# --- The budget's arithmetic, on Postgres and on SQLite ----------------------------------------
+
+
+def next_slot(budget: RateBudget) -> datetime:
+    with budget.engine.connect() as conn:
+        slot: datetime = conn.execute(select(ShotstackBudget.next_slot_at)).scalar_one()
+    return slot
+
+
+def sqlite_budget(tmp_path: Path, rate: float) -> RateBudget:
+    """A budget on a fresh SQLite file, as the quick start has; its row is put back on use."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'budget.sqlite3'}")
+    Base.metadata.create_all(engine)
+    return RateBudget(engine, rate)
+
+
+@pytest.mark.parametrize("database", ["postgres", "sqlite"])
+def test_slots_are_spaced_by_the_interval(engine: Engine, tmp_path: Path, database: str) -> None:
+    first = RateBudget(engine, 2.0) if database == "postgres" else sqlite_budget(tmp_path, 2.0)
+    first.reset()
+    second = RateBudget(first.engine, 2.0)  # another process on the same database
+    try:
+        assert first.reserve() == 0.0  # nothing booked: the first call goes at once
+        start = next_slot(first)
+        delays = [budget.reserve() for budget in (second, first, second)]
+        assert next_slot(first) - start == timedelta(seconds=3 * first.interval)
+        assert first.interval == pytest.approx(1.05 / 2.0)
+        assert delays == sorted(delays) and delays[-1] <= 3 * first.interval
+        # A caller that will not wait that long takes no slot.
+        with pytest.raises(ShotstackRateLimited) as raised:
+            first.reserve(max_wait=0.1)
+        assert 0.1 < raised.value.retry_after <= 4 * first.interval
+        assert next_slot(first) - start == timedelta(seconds=3 * first.interval)
+        # A pause stops everyone, for the longest pause asked.
+        second.pause(30)
+        first.pause(5)
+        with pytest.raises(ShotstackRateLimited) as paused:
+            first.acquire()
+        assert 25 < paused.value.retry_after <= 30
+    finally:
+        first.reset()
+        if database == "sqlite":
+            first.engine.dispose()
+
+
+# --- The limit holds across processes ---------------------------------------------------------
+
+
+def hammer(database_url: str, api_url: str, rate: float, seconds: float, ready: Any) -> None:
+    """Call the stand-in as fast as this process's budget lets it, for `seconds`."""
+    settings = Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        database_url=database_url,
+        shotstack_api_url=api_url,
+        shotstack_api_key=KEY,  # type: ignore[arg-type]
+    )
+    engine = make_engine(settings.database_url)
+    client = ServeClient(settings, RateBudget(engine, rate), backoff=0.01)
+    ready.wait()  # every process starts together
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        client.get_asset(ASSET)
+    client.close()
+    engine.dispose()
+
+
+def test_processes_share_one_limit(live_url: str, live_engine: Engine) -> None:
+    """Four processes, each with its own budget object, never exceed the limit together."""
+    rate, seconds, processes = 20.0, 2.0, 4
+    RateBudget(live_engine, rate).reset()
+    context = multiprocessing.get_context("spawn")
+    ready = context.Barrier(processes + 1)
+    with ServeStandIn(api_key=KEY) as standin:
+        standin.add_asset(ASSET, RENDER)
+        workers = [
+            context.Process(target=hammer, args=(live_url, standin.url, rate, seconds, ready))
+            for _ in range(processes)
+        ]
+        for worker in workers:
+            worker.start()
+        ready.wait()
+        for worker in workers:
+            worker.join(timeout=60)
+        calls = standin.calls
+        busiest = standin.max_in_window(1.0)
+    RateBudget(live_engine, rate).reset()
+    assert [w.exitcode for w in workers] == [0] * processes
+    print(
+        f"\n{len(calls)} calls from {processes} processes in {seconds} s at a limit of "
+        f"{rate:.0f}/s; the busiest one-second window held {busiest}"
+    )
+    assert len(calls) >= rate  # they really competed: over a second's worth of calls
+    assert busiest <= rate
