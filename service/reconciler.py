@@ -762,7 +762,8 @@ class Reconciler:
         except Exception:
             log.exception("could not release the leases; they end by themselves")
             released = 0
-        log.info("reconciler %s stopped; %d leases released", self.owner, released)
+        counts = " ".join(f"{k}={v}" for k, v in self.stats.snapshot().items())
+        log.info("reconciler %s stopped; %d leases released; %s", self.owner, released, counts)
 
 
 class _GiveBack(Exception):
