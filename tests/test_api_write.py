@@ -8,9 +8,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
+from alembic import command
+from alembic.config import Config
 from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import Connection, Engine, select, text
@@ -18,6 +21,8 @@ from sqlalchemy.orm import sessionmaker
 
 from service import create_app
 from service.assets import AssetFacts, record_asset
+from service.config import PROJECT_ROOT
+from service.db import make_engine
 from service.models import Asset, Render, Source
 from service.shotstack import RateBudget
 
@@ -495,3 +500,39 @@ def test_no_transaction_is_open_during_a_call(
             app.extensions["db"].engine.dispose()
             budget.reset()
     assert open_during_calls == [0] * 5  # DELETE; GET, DELETE; GET; GET by render
+
+
+def test_sqlite_quick_start_talks_to_shotstack(
+    tmp_path: Path, standin: ServeStandIn, auth: dict[str, str]
+) -> None:
+    """The embedded default takes the same paths: budget, fallback, delete, refresh."""
+    url = f"sqlite:///{tmp_path / 'quick.sqlite3'}"
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        config = Config(toml_file=str(PROJECT_ROOT / "pyproject.toml"))
+        config.attributes["connection"] = conn
+        command.upgrade(config, "head")
+    engine.dispose()
+    standin.add_asset(ASSET, RENDER)
+    app = create_app(shotstack_settings(standin.url, url))
+    try:
+        client = app.test_client()
+        listed = client.get(f"/api/renders/{RENDER}/assets", headers=auth)
+        assert [a["id"] for a in listed.json["data"]] == [ASSET]
+        assert client.get("/api/renders/other/assets", headers=auth).json["data"] == []
+        assert client.get("/api/renders/other/assets", headers=auth).status_code == 200
+        assert client.delete(f"/api/assets/{ASSET}", headers=auth).status_code == 204
+        shown = client.get(f"/api/assets/{ASSET}?refresh=true", headers=auth).json["data"]
+        assert (shown["attributes"]["status"], shown["attributes"]["deletedBy"]) == (
+            "deleted",
+            "ci",
+        )
+        standin.fail_next(1, 429, retry_after=9)
+        response = client.get("/api/renders/third/assets", headers=auth)
+        assert (response.status_code, response.headers["Retry-After"]) == (503, "9")
+        assert client.delete("/api/assets/unknown", headers=auth).status_code == 503
+        # By render twice, the delete, the refresh, then the 429; the paused delete calls no one.
+        assert [m for _, m, _ in standin.calls] == ["GET", "GET", "DELETE", "GET", "GET"]
+    finally:
+        app.extensions["shotstack"].close()
+        app.extensions["db"].engine.dispose()
