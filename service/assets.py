@@ -20,7 +20,6 @@ from sqlalchemy import (
     tuple_,
     update,
 )
-from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session
 
 from .db import UTCDateTime, insert_for
@@ -222,9 +221,10 @@ def create_render(session: Session, render_id: str, *, now: datetime, grace: flo
             first_seen_at=now,
         )
         .on_conflict_do_nothing(index_elements=["id"])
+        # RETURNING, not rowcount: SQLAlchemy keeps rowcount only for UPDATE and DELETE.
+        .returning(Render.__table__.c.id)
     )
-    result: CursorResult[Any] = session.execute(stmt)  # type: ignore[assignment]
-    return bool(result.rowcount)
+    return session.execute(stmt).scalar() is not None
 
 
 @dataclass(frozen=True, slots=True)
