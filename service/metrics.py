@@ -14,7 +14,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 from flask import Blueprint, Flask, Response, current_app, g, has_request_context, request
 from prometheus_client import (
@@ -35,6 +35,7 @@ from sqlalchemy.engine import Engine
 from .models import ASSET_STATUSES, TRACKING_STATES, Asset, Render
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 CACHE_SECONDS = 30.0
 # Above this many rows (by the planner's estimate) a gauge reads pg_stats, not count(*).
@@ -126,6 +127,52 @@ def count_callback(event_type: Any, outcome: str) -> None:
 def observe_shotstack(endpoint: str, outcome: str, seconds: float) -> None:
     SHOTSTACK_CALLS.labels(endpoint=endpoint, outcome=outcome).inc()
     SHOTSTACK_LATENCY.labels(endpoint=endpoint).observe(seconds)
+
+
+def shotstack_endpoint(method: str, path: str) -> str:
+    """Name a Serve API call by what it does, never by its ids (bounded labels)."""
+    if path.startswith("/assets/render/"):
+        return "assets_by_render"
+    return "delete_asset" if method == "DELETE" else "get_asset"
+
+
+_FAILURE_OUTCOMES = {
+    "timed out": "timeout",
+    "could not connect": "connection_error",
+    "answered": "server_error",
+}
+_ERROR_OUTCOMES = {
+    "ShotstackAuthError": "auth_error",
+    "ShotstackRateLimited": "rate_limited",
+}
+
+
+def timed_attempt(method: str, path: str, attempt: Callable[[], T]) -> T:
+    """Make one attempt of a Shotstack call, counting it by endpoint and outcome, timed.
+
+    The outcome is the HTTP status of an answer, or what went wrong: timeout,
+    connection_error, server_error (5xx), auth_error (401/403), rate_limited (429), error.
+    """
+    started = time.perf_counter()
+    outcome = "error"
+    try:
+        result = attempt()
+        status = getattr(result, "status_code", None)
+        if status is not None:
+            outcome = str(status)
+        elif isinstance(result, str):
+            outcome = next(
+                (name for prefix, name in _FAILURE_OUTCOMES.items() if result.startswith(prefix)),
+                "error",
+            )
+        return result
+    except Exception as exc:
+        outcome = _ERROR_OUTCOMES.get(type(exc).__name__, "error")
+        if outcome == "auth_error":
+            AUTH_FAILURES.inc()
+        raise
+    finally:
+        observe_shotstack(shotstack_endpoint(method, path), outcome, time.perf_counter() - started)
 
 
 # --- Gauges of table sizes, cached --------------------------------------------------------

@@ -33,6 +33,7 @@ from .assets import AssetFacts, create_render, record_asset
 from .config import Settings
 from .db import UTCDateTime, utcnow
 from .events import Housekeeper
+from .metrics import LEASES_TAKEN_OVER
 from .models import Asset, Render, Source, WebhookEvent
 from .shotstack import (
     ShotstackAuthError,
@@ -46,7 +47,6 @@ log = logging.getLogger(__name__)
 JITTER = 0.25  # a delay is drawn from [75 %, 100 %] of its exponential value: it still doubles
 EXPECTED_LATENCY = 0.5  # seconds of one Shotstack call, for sizing the pool of lookups in flight
 MAX_THREADS = 32
-DB_CONNECTIONS = 6  # per worker process, whatever its number of threads
 NAG_INTERVAL = 60.0  # a standing problem (bad key, no key) is logged once a minute
 AUTH_RETRY = 60.0  # after a 401/403 the worker tries again this much later (or the backoff cap)
 LEASE_MARGIN = 0.2  # no call is started in the last 20 % of a lease: its result could not be kept
@@ -155,25 +155,27 @@ def claim_due(
 ) -> list[Claim]:
     """Lease up to `limit` due pending renders that no live lease holds; soonest due first."""
     until = now + timedelta(seconds=lease)
+    free = or_(Render.lease_until.is_(None), Render.lease_until < now)
     due = (
-        select(Render.id)
-        .where(
-            Render.tracking == "pending",
-            Render.next_check_at <= (due_by or now),
-            or_(Render.lease_until.is_(None), Render.lease_until < now),
-        )
+        select(Render.id, Render.lease_until)
+        .where(Render.tracking == "pending", Render.next_check_at <= (due_by or now), free)
         .order_by(Render.next_check_at)
         .limit(limit)
         .with_for_update(skip_locked=True)
     )
+    # Read first, to tell a lease that ended unfinished (its worker died) from no lease.
+    stale = {row.id: row.lease_until is not None for row in session.execute(due)}
+    if not stale:
+        return []
     stmt = (
         update(Render)
-        .where(Render.id.in_(due.scalar_subquery()))
+        .where(Render.id.in_(list(stale)), free)  # `free` again: SQLite takes no row locks
         .values(lease_owner=owner, lease_until=until)
         .returning(Render.id)
         .execution_options(synchronize_session=False)
     )
     ids = session.execute(stmt).scalars().all()
+    LEASES_TAKEN_OVER.inc(sum(stale[render_id] for render_id in ids))
     return [Claim(render_id, now, until) for render_id in ids]
 
 
@@ -832,17 +834,10 @@ def run_worker(settings: Settings, *, once: bool = False) -> None:
     from .shotstack import RateBudget, ServeClient
 
     threads = threads_for(settings.shotstack_rate_limit)
-    # The threads spend their time waiting for slots and for Shotstack; their writes are short,
-    # so a few connections serve them all and the database's connection limit is spared. They
-    # wait for one rather than fail: the worker serves no one who is waiting.
-    engine = make_engine(
-        settings.database_url,
-        pool_size=min(threads, DB_CONNECTIONS),
-        max_overflow=2,
-        pool_timeout=settings.reconcile_lease / 2,
-    )
+    # Each lookup thread writes and takes budget slots on its own connection, now and then.
+    engine = make_engine(settings.database_url, pool_size=threads + 2, max_overflow=threads)
     budget = RateBudget(engine, settings.shotstack_rate_limit)
-    client = ServeClient(settings, budget)
+    client = ServeClient(settings, budget, pool_size=threads)
     if settings.shotstack_api_key is None:
         STATS.not_configured = True
         log.warning("SHOTSTACK_API_KEY is not set: renders stay due until it is")
