@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 JITTER = 0.25  # a delay is drawn from [75 %, 100 %] of its exponential value: it still doubles
 EXPECTED_LATENCY = 0.5  # seconds of one Shotstack call, for sizing the pool of lookups in flight
 MAX_THREADS = 32
+DB_CONNECTIONS = 6  # per worker process, whatever its number of threads
 NAG_INTERVAL = 60.0  # a standing problem (bad key, no key) is logged once a minute
 AUTH_RETRY = 60.0  # after a 401/403 the worker tries again this much later (or the backoff cap)
 LEASE_MARGIN = 0.2  # no call is started in the last 20 % of a lease: its result could not be kept
@@ -834,10 +835,17 @@ def run_worker(settings: Settings, *, once: bool = False) -> None:
     from .shotstack import RateBudget, ServeClient
 
     threads = threads_for(settings.shotstack_rate_limit)
-    # Each lookup thread writes and takes budget slots on its own connection, now and then.
-    engine = make_engine(settings.database_url, pool_size=threads + 2, max_overflow=threads)
+    # The threads spend their time waiting for slots and for Shotstack; their writes are short,
+    # so a few connections serve them all and the database's connection limit is spared. They
+    # wait for one rather than fail: the worker serves no one who is waiting.
+    engine = make_engine(
+        settings.database_url,
+        pool_size=min(threads, DB_CONNECTIONS),
+        max_overflow=2,
+        pool_timeout=settings.reconcile_lease / 2,
+    )
     budget = RateBudget(engine, settings.shotstack_rate_limit)
-    client = ServeClient(settings, budget, pool_size=threads)
+    client = ServeClient(settings, budget)
     if settings.shotstack_api_key is None:
         STATS.not_configured = True
         log.warning("SHOTSTACK_API_KEY is not set: renders stay due until it is")
