@@ -26,6 +26,7 @@ from sqlalchemy.engine import Engine
 
 from .assets import STATUS_RANK, AssetFacts
 from .config import Settings
+from .metrics import RATE_BUDGET_WAIT, timed_attempt
 from .models import ShotstackBudget
 
 log = logging.getLogger(__name__)
@@ -121,6 +122,7 @@ class RateBudget:
             start = time.monotonic()
             left = None if until is None else max(0.0, until - start)
             delay = self.reserve(max_wait=left)
+            RATE_BUDGET_WAIT.observe(delay)
             if delay > 0:
                 time.sleep(delay)
             late = time.monotonic() - (start + delay)
@@ -427,7 +429,7 @@ class ServeClient:
             if left is not None and left <= 0:
                 raise ShotstackUnavailable(f"{what}: no answer within the deadline")
             self.budget.acquire(max_wait=left)
-            failure = self._attempt(method, path, what, until)
+            failure = timed_attempt(method, path, lambda: self._attempt(method, path, what, until))
             if isinstance(failure, requests.Response):
                 return failure if failure.status_code != 404 else None
             attempt += 1
