@@ -332,7 +332,7 @@ class ServeClient:
     Every attempt takes a slot from `budget`. 5xx answers, timeouts and connection errors are
     retried with exponential backoff and full jitter (`max_retries` times; 3, or 1 when a
     `deadline` is given); a 429 pauses the budget and is raised at once. `deadline` bounds
-    each public call in total, seconds.
+    each public call in total, seconds; `pool_size` is the connections kept for threads.
     """
 
     def __init__(
@@ -343,6 +343,7 @@ class ServeClient:
         deadline: float | None = None,
         max_retries: int | None = None,
         backoff: float = 0.5,
+        pool_size: int = 4,
     ) -> None:
         self.settings = settings
         self.budget = budget
@@ -356,7 +357,8 @@ class ServeClient:
         self._until: float | None = None
         self.session = requests.Session()
         # Our own loop retries, so that every attempt takes a slot from the budget.
-        adapter = HTTPAdapter(max_retries=0, pool_maxsize=4)
+        # `pool_size`: connections kept for reuse; the worker passes its number of threads.
+        adapter = HTTPAdapter(max_retries=0, pool_maxsize=pool_size)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
         self.session.headers.update({"Accept": "application/json", "User-Agent": "asset-tracker"})
@@ -364,10 +366,12 @@ class ServeClient:
             self.session.headers["x-api-key"] = self._key
 
     def bounded(self, total: float = WEB_DEADLINE) -> ServeClient:
-        """Return a client sharing this one's session whose calls together end within `total`."""
+        """Return a client sharing this one's session whose calls together end within `total`.
+
+        It keeps this client's retries: the web app's client (made with a deadline) has one.
+        """
         clone = copy.copy(self)
         clone.deadline = total
-        clone.max_retries = min(self.max_retries, 1)
         clone._until = time.monotonic() + total
         return clone
 

@@ -261,12 +261,21 @@ def test_nobody_listening_is_unavailable(budget: RateBudget) -> None:
         client.get_asset(ASSET)
 
 
-def test_bounded_client_retries_once(standin: ServeStandIn, budget: RateBudget) -> None:
+def test_a_client_with_a_deadline_retries_once(standin: ServeStandIn, budget: RateBudget) -> None:
     standin.fail_next(5, 503)
-    client = client_for(standin, budget, max_retries=5).bounded(8.0)
+    client = client_for(standin, budget, deadline=8.0).bounded(8.0)
     with pytest.raises(ShotstackUnavailable):
         client.get_asset(ASSET)
     assert standin.count("GET") == 2
+
+
+def test_bounded_keeps_the_retries_within_its_deadline(
+    standin: ServeStandIn, budget: RateBudget
+) -> None:
+    standin.add_asset(ASSET, RENDER)
+    standin.fail_next(3, 503)
+    assert client_for(standin, budget, max_retries=3).bounded(8.0).get_asset(ASSET) is not None
+    assert standin.count("GET") == 4
 
 
 def test_deadline_cuts_a_slow_read_short(standin: ServeStandIn, budget: RateBudget) -> None:
