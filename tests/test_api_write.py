@@ -5,7 +5,9 @@ Shotstack is the stand-in, a real HTTP server; the database is the suite's Postg
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -536,3 +538,28 @@ def test_sqlite_quick_start_talks_to_shotstack(
     finally:
         app.extensions["shotstack"].close()
         app.extensions["db"].engine.dispose()
+
+
+def test_concurrent_requests_ask_shotstack_once(
+    live_url: str, live_engine: Engine, auth: dict[str, str]
+) -> None:
+    """Eight requests at once for a render unknown here: one lookup, everyone answered."""
+    budget = RateBudget(live_engine, 1000.0)
+    budget.reset()
+    with ServeStandIn(api_key=KEY, latency=0.2) as standin:
+        standin.add_asset(ASSET, RENDER)
+        app = create_app(shotstack_settings(standin.url, live_url))
+        start = threading.Barrier(8)
+
+        def ask(_: int) -> int:
+            start.wait()
+            return app.test_client().get(f"/api/renders/{RENDER}/assets", headers=auth).status_code
+
+        try:
+            with ThreadPoolExecutor(8) as pool:
+                statuses = list(pool.map(ask, range(8)))
+        finally:
+            app.extensions["db"].engine.dispose()
+            budget.reset()
+    assert statuses == [200] * 8
+    assert standin.count() == 1
