@@ -70,7 +70,7 @@ def worker(once: bool) -> None:
     if not once:
         from .metrics import serve_worker_metrics
 
-        serve_worker_metrics(settings.worker_metrics_port)
+        serve_worker_metrics(settings.worker_metrics_port, database_url=settings.database_url)
     run_worker(settings, once=once)
 
 

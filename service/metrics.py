@@ -14,6 +14,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from flask import Blueprint, Flask, Response, current_app, g, has_request_context, request
@@ -22,12 +23,11 @@ from prometheus_client import (
     REGISTRY,
     CollectorRegistry,
     Counter,
-    Gauge,
     Histogram,
     generate_latest,
     start_http_server,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 from sqlalchemy import func, select, text
 from sqlalchemy.engine import Engine
@@ -87,16 +87,6 @@ AUTH_FAILURES = Counter(
 
 # --- Worker -------------------------------------------------------------------------------
 
-LOOKUPS = Counter(
-    "asset_tracker_lookups",
-    "Lookups of a render's assets by the worker, by outcome.",
-    ["outcome"],
-)
-OLDEST_DUE_LAG = Gauge(
-    "asset_tracker_oldest_due_lag_seconds",
-    "How long the oldest due pending render has been waiting past its check time.",
-    multiprocess_mode="max",
-)
 LEASES_TAKEN_OVER = Counter(
     "asset_tracker_leases_taken_over",
     "Renders claimed whose earlier lease had ended without its worker finishing.",
@@ -323,16 +313,90 @@ def init_app(app: Flask) -> None:
 # --- Worker -------------------------------------------------------------------------------
 
 
-def serve_worker_metrics(port: int, *, start: Callable[..., Any] = start_http_server) -> int | None:
+class WorkerCollector:
+    """The worker's own figures at scrape time: its counters, and the lag of the oldest render.
+
+    The lag says whether the workers keep up: how long the most overdue pending render has
+    waited past its check time (0 when none is due). One indexed query per scrape.
+    """
+
+    def __init__(self, engine: Engine | None) -> None:
+        self.engine = engine
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        from .reconciler import STATS
+
+        for name, value in STATS.snapshot().items():
+            words = name.replace("_", " ")
+            if isinstance(value, bool):
+                gauge = GaugeMetricFamily(
+                    f"asset_tracker_worker_{name}", f"1 while the worker finds: {words}."
+                )
+                gauge.add_metric([], float(value))
+                yield gauge
+            else:
+                counter = CounterMetricFamily(
+                    f"asset_tracker_worker_{name}", f"Worker outcomes counted: {words}."
+                )
+                counter.add_metric([], float(value))
+                yield counter
+        if self.engine is None:
+            return
+        try:
+            seconds = self._lag()
+        except Exception as exc:  # a scrape must not fail with the database
+            log.warning("oldest due lag not read: %s", type(exc).__name__)
+            return
+        lag = GaugeMetricFamily(
+            "asset_tracker_oldest_due_lag_seconds",
+            "Seconds the oldest due pending render has waited past its check time.",
+        )
+        lag.add_metric([], seconds)
+        yield lag
+
+    def _lag(self) -> float:
+        assert self.engine is not None
+        now = datetime.now(UTC)
+        with self.engine.connect() as conn:
+            oldest = conn.execute(
+                select(func.min(Render.next_check_at)).where(
+                    Render.tracking == "pending", Render.next_check_at <= now
+                )
+            ).scalar()
+        return 0.0 if oldest is None else max(0.0, (now - oldest).total_seconds())
+
+
+_worker_collector: WorkerCollector | None = None
+
+
+def serve_worker_metrics(
+    port: int,
+    *,
+    database_url: str | None = None,
+    start: Callable[..., Any] = start_http_server,
+) -> int | None:
     """Serve this process's metrics on `port` (0: any free one); warn and go on if taken.
 
-    Return the port bound, or None when there is no metrics server.
+    With `database_url`, the lag of the oldest due render is read at each scrape. Return the
+    port bound, or None when there is no metrics server.
     """
     try:
         server, _thread = start(port, addr="0.0.0.0")  # noqa: S104 - scraped from outside
     except OSError as exc:
         log.warning("worker metrics not served: port %s is unavailable (%s)", port, exc.strerror)
         return None
+    global _worker_collector
+    if _worker_collector is None:  # once per process: the registry is the process's
+        engine = None
+        if database_url is not None:
+            from .db import make_engine
+
+            engine = make_engine(database_url, pool_size=1, max_overflow=0)
+        _worker_collector = WorkerCollector(engine)
+        REGISTRY.register(_worker_collector)
     bound = int(server.server_address[1])
     log.info("worker metrics served", extra={"port": bound})
     return bound
