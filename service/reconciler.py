@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 from sqlalchemy import case, func, literal, or_, select, update
 from sqlalchemy.engine import CursorResult
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from .assets import AssetFacts, create_render, record_asset
@@ -330,12 +331,15 @@ def write_lookup(
             last_error=None,
         )
         return "settled"
-    # record_asset re-opens a settled or expired render when the lookup brought a new asset.
-    tracking = session.execute(select(Render.tracking).where(Render.id == claim.render_id)).scalar()
-    if tracking != "pending":  # a manual sync of a finished render that changed nothing
+    # record_asset re-opens a settled or expired render (attempts from 0) when the lookup
+    # brought a new asset, so read the render again.
+    now_row = session.execute(
+        select(Render.tracking, Render.attempts).where(Render.id == claim.render_id)
+    ).one()
+    if now_row.tracking != "pending":  # a manual sync of a finished render that changed nothing
         _finish(session, claim, owner=owner, last_lookup_at=now)
-        return tracking
-    held = _Held("pending", held.attempts, held.first_seen_at)
+        return str(now_row.tracking)
+    held = _Held("pending", now_row.attempts, held.first_seen_at)
     return _reschedule(
         session, claim, held, owner=owner, now=now, policy=policy, rng=rng, error=None
     )
@@ -700,7 +704,15 @@ class Reconciler:
         try:
             while not self.stopping.is_set():
                 self._maybe_housekeeping()
-                self._top_up(in_flight, due_by=started if once else None)
+                try:
+                    self._top_up(in_flight, due_by=started if once else None)
+                except SQLAlchemyError as exc:
+                    # The database is down or slow: say so, and try again after a pause.
+                    self._nag("db", logging.ERROR, "cannot claim renders: %s", exc)
+                    if once and not in_flight:
+                        raise
+                    self.stopping.wait(self.policy.idle)
+                    continue
                 if not in_flight:
                     if once:
                         break

@@ -286,7 +286,10 @@ def test_an_old_render_expires_and_a_new_asset_reopens_it(
         record_asset(session, facts, source=Source.CALLBACK, now=utcnow(), grace=0)
     assert render(sessions, "r-old").tracking == "pending"
     make(reconcile_max_age=60).run(once=True)
-    assert render(sessions, "r-old").tracking == "settled"
+    assert (render(sessions, "r-old").tracking, render(sessions, "r-old").attempts) == (
+        "settled",
+        1,
+    )
 
     # A lookup (here `sync-render`) that brings a new asset settles an expired render too.
     standin.add_asset("a-late", "r-older")
