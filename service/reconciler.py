@@ -857,7 +857,7 @@ def run_worker(settings: Settings, *, once: bool = False) -> None:
         pool_timeout=settings.reconcile_lease / 2,
     )
     budget = RateBudget(engine, settings.shotstack_rate_limit)
-    client = ServeClient(settings, budget)
+    client = ServeClient(settings, budget, pool_size=threads)
     if settings.shotstack_api_key is None:
         STATS.not_configured = True
         log.warning("SHOTSTACK_API_KEY is not set: renders stay due until it is")
