@@ -30,6 +30,10 @@ graceful_timeout = 20
 # reconnecting for each of a burst of callbacks.
 keepalive = 5
 
+# The platform manages the process with signals; gunicorn 27's control socket would put one
+# fixed path in $HOME for every gunicorn on the host.
+control_socket_disable = True
+
 # Logs go to stdout, as JSON lines, through the service's logger class: its access line has
 # the path but never the query string, where the webhook token travels (SPEC §3), and every
 # line passes the redactor of service/logs.py.

@@ -128,6 +128,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
             "request_id": getattr(record, "request_id", None),
+            "pid": record.process,
         }
         for name, value in record.__dict__.items():
             if name not in _STANDARD_ATTRS and not name.startswith("_"):
