@@ -87,10 +87,6 @@ def main() -> int:
     budget = RateBudget(engine, args.limit)
     budget.reset()
     interval = budget.interval  # the budget's spacing: its own ceiling is 1 / (interval * limit)
-    now = utcnow()
-    with sessionmaker(engine).begin() as session:
-        for n in range(args.renders):
-            create_render(session, f"render-{n:05d}", now=now, grace=0)
 
     standin = LimitedStandIn(args.limit, api_key=KEY, latency=args.latency).start()
     for n in range(args.renders):
@@ -104,15 +100,35 @@ def main() -> int:
         "RECONCILE_GRACE": "0",
         "RECONCILE_IDLE": "0.2",
         "WORKER_METRICS_PORT": "0",
-        "LOG_LEVEL": "WARNING",
+        "LOG_LEVEL": "INFO",
+        "LOG_FORMAT": "text",
     }
     workdir = tempfile.mkdtemp(prefix="bench-reconciler-")
     bin_dir = Path(sys.executable).parent
-    workers = [
-        subprocess.Popen([str(bin_dir / "asset-tracker"), "worker"], env=env, cwd=workdir)
-        for _ in range(args.workers)
-    ]
+    logs = [Path(workdir) / f"worker-{n}.log" for n in range(args.workers)]
+    workers = []
+    for log in logs:
+        with log.open("wb") as out:
+            workers.append(
+                subprocess.Popen(
+                    [str(bin_dir / "asset-tracker"), "worker"],
+                    env=env,
+                    cwd=workdir,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                )
+            )
     try:
+        # The workers are long-running; renders arrive while they run. So the renders are
+        # tracked once every worker is up, and the figure is not a measure of start-up.
+        while not all("started:" in log.read_text(errors="replace") for log in logs):
+            if any(worker.poll() is not None for worker in workers):
+                raise SystemExit("a worker exited: see " + workdir)
+            time.sleep(0.1)
+        now = utcnow()
+        with sessionmaker(engine).begin() as session:
+            for n in range(args.renders):
+                create_render(session, f"render-{n:05d}", now=now, grace=0)
         settled = 0
         give_up = time.monotonic() + 20 * args.renders / args.limit + 60
         while settled < args.renders and time.monotonic() < give_up:
@@ -126,6 +142,14 @@ def main() -> int:
             worker.send_signal(signal.SIGTERM)
         codes = [worker.wait(timeout=60) for worker in workers]
         standin.stop()
+    problems = [
+        line
+        for log in logs
+        for line in log.read_text(errors="replace").splitlines()
+        if " ERROR " in line or " WARNING " in line
+    ]
+    for line in problems[:10]:
+        print("worker:", line)
 
     lookups = [t for t, _, p in standin.calls if "/assets/render/" in p]
     span = lookups[-1] - lookups[0] if len(lookups) > 1 else float("nan")
