@@ -12,11 +12,11 @@ import logging
 import re
 import sys
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from flask import Flask, Response, g, request
 from gunicorn.glogging import Logger as _GunicornLogger  # type: ignore[import-untyped]
@@ -39,6 +39,7 @@ _STANDARD_ATTRS = frozenset(
     | {"message", "asctime", "request_id", "taskName"}
 )
 
+T = TypeVar("T")
 _request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
 
 
@@ -59,6 +60,16 @@ def request_id(value: str | None = None) -> Iterator[str]:
         yield rid
     finally:
         _request_id.reset(token)
+
+
+def with_request_id(prefix: str, fn: Callable[..., T], *args: Any) -> T:
+    """Call `fn(*args)` with a new request id, `prefix:<random>`, on its log lines.
+
+    For the worker's units of work (one render's lookup, one housekeeping pass), which may
+    run in a pool's threads.
+    """
+    with request_id(f"{prefix}:{new_request_id()[:12]}"):
+        return fn(*args)
 
 
 class Redactor:
@@ -212,7 +223,6 @@ def init_app(app: Flask) -> None:
 
 
 # --- gunicorn -----------------------------------------------------------------------------
-
 
 
 class GunicornLogger(_GunicornLogger):  # type: ignore[misc]  # gunicorn ships no types

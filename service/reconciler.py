@@ -34,6 +34,7 @@ from .assets import AssetFacts, create_render, record_asset
 from .config import Settings
 from .db import UTCDateTime, utcnow
 from .events import Housekeeper
+from .logs import with_request_id
 from .metrics import LEASES_TAKEN_OVER
 from .models import Asset, Render, Source, WebhookEvent
 from .shotstack import (
@@ -747,7 +748,8 @@ class Reconciler:
         # A render whose call would start in the last part of its lease is handed back.
         deadline = time.monotonic() + self.policy.lease * (1 - LEASE_MARGIN)
         for claim in claims:
-            in_flight[self._pool.submit(self.process, claim, deadline)] = claim
+            job = self._pool.submit(with_request_id, claim.render_id, self.process, claim, deadline)
+            in_flight[job] = claim
         return len(claims)
 
     def _settle_future(self, future: Future[str | None], claim: Claim) -> None:
@@ -760,7 +762,7 @@ class Reconciler:
         if time.monotonic() - self._last_housekeeping < self.policy.idle:
             return
         self._last_housekeeping = time.monotonic()
-        self.housekeeping()
+        with_request_id("housekeeping", self.housekeeping)
 
     def _shutdown(self, in_flight: dict[Future[str | None], Claim]) -> None:
         """Let the calls under way finish and write; hand back every other lease."""

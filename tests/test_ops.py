@@ -88,6 +88,10 @@ def test_the_worker_binds_its_own_request_id(captured: io.StringIO) -> None:
     first, second = lines(captured)[-2:]
     assert rid == "pass-7" and first["request_id"] == "pass-7"
     assert second["request_id"] is None
+    # One render's lookup, in a pool thread: a fresh id, named after the render.
+    logs.with_request_id("r-77", logging.getLogger("service.reconciler").warning, "found %s", 1)
+    last = lines(captured)[-1]
+    assert last["message"] == "found 1" and last["request_id"].startswith("r-77:")
 
 
 # --- Redaction ------------------------------------------------------------------------------
