@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 import tempfile
 from typing import Any
 
@@ -44,14 +45,22 @@ logger_class = "service.logs.GunicornLogger"
 # Metrics from all worker processes are summed by prometheus_client's multiprocess mode: each
 # process writes its values to files in this directory. It must be set before the app (and
 # prometheus_client) is imported, and it must not hold files of an earlier run.
+_made_metrics_dir = None
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="asset-tracker-metrics-")
+    _made_metrics_dir = tempfile.mkdtemp(prefix="asset-tracker-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = _made_metrics_dir
 
 
 def on_starting(server: Any) -> None:
     """Forget the metrics of an earlier run that used the same directory."""
     for stale in glob.glob(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], "*.db")):
         os.remove(stale)
+
+
+def on_exit(server: Any) -> None:
+    """Remove the metrics directory this config made; one given by the operator stays."""
+    if _made_metrics_dir:
+        shutil.rmtree(_made_metrics_dir, ignore_errors=True)
 
 
 def child_exit(server: Any, worker: Any) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import runpy
 import signal
 import socket
 import subprocess
@@ -279,3 +280,28 @@ def test_no_secret_reaches_the_web_or_worker_logs(
     assert all(line["request_id"] for line in access)
     assert "answered 500" in web_log  # Shotstack's failure was logged, its URL too
     assert log_lines(worker_log), worker_log[-2000:]
+
+
+def test_config_follows_the_platform_conventions(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("PORT", "5123")
+    monkeypatch.setenv("WEB_CONCURRENCY", "3")
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    config = runpy.run_path(str(PROJECT_ROOT / "gunicorn.conf.py"))
+    made = os.environ.pop("PROMETHEUS_MULTIPROC_DIR")
+    try:
+        assert config["bind"] == "0.0.0.0:5123"
+        assert config["workers"] == 3
+        assert config["worker_class"] == "gthread" and config["threads"] >= 4
+        assert config["accesslog"] == "-" and config["errorlog"] == "-"
+        assert config["logger_class"] == "service.logs.GunicornLogger"
+        assert Path(made).is_dir() and made == config["_made_metrics_dir"]
+    finally:
+        config["on_exit"](None)
+    assert not Path(made).exists()
+    monkeypatch.delenv("WEB_CONCURRENCY")
+    default = runpy.run_path(str(PROJECT_ROOT / "gunicorn.conf.py"))
+    os.environ.pop("PROMETHEUS_MULTIPROC_DIR")
+    default["on_exit"](None)
+    assert default["workers"] >= 2
