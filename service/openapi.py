@@ -260,7 +260,7 @@ class _Builder:
                     "Delete an asset at Shotstack; the record stays, `deleted`",
                     {
                         "204": {"description": "Deleted (now or before)."},
-                        **self.errors(401, 404, 409, 502, 503),
+                        **self.errors(400, 401, 404, 409, 502, 503),
                     },
                     tag="assets",
                     parameters=[asset_id],
