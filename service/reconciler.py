@@ -456,6 +456,7 @@ def threads_for(rate_limit: float) -> int:
 
 
 def worker_id() -> str:
+    """Name this process as a lease owner: host, pid and a random part (pids are reused)."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
@@ -467,14 +468,19 @@ class _Nagger:
         self._last: dict[str, float] = {}
         self._lock = threading.Lock()
 
-    def __call__(self, key: str, level: int, message: str, *args: Any) -> None:
+    def due(self, key: str) -> bool:
+        """Return True if `key` was not logged in the last interval, and count it as logged."""
         now = time.monotonic()
         with self._lock:
             last = self._last.get(key)
             if last is not None and now - last < self.interval:
-                return
+                return False
             self._last[key] = now
-        log.log(level, message, *args)
+            return True
+
+    def __call__(self, key: str, level: int, message: str, *args: Any) -> None:
+        if self.due(key):
+            log.log(level, message, *args)
 
 
 class Reconciler:
@@ -522,6 +528,7 @@ class Reconciler:
             self._paused_until = max(self._paused_until, time.monotonic() + seconds)
 
     def paused_for(self) -> float:
+        """Return the seconds left before this worker claims again (after a 429 or a 401)."""
         return max(0.0, self._paused_until - time.monotonic())
 
     # -- one render ------------------------------------------------------------------------
@@ -545,7 +552,8 @@ class Reconciler:
             at = utcnow() + timedelta(seconds=exc.retry_after)
             with self._txn() as session:
                 release(session, owner=self.owner, render_ids=[render_id], not_before=at)
-            log.warning("Shotstack rate limit: pausing for %.1f s", exc.retry_after)
+            # A 429 (the whole deployment pauses) or a budget booked past this lease.
+            log.warning("lookups deferred for %.1f s: %s", exc.retry_after, exc)
             return None
         except (ShotstackAuthError, ShotstackNotConfigured) as exc:
             self._auth_problem(exc)
@@ -618,10 +626,12 @@ class Reconciler:
         self._step(self.events)
 
     def _step(self, step: Callable[[], object]) -> None:
+        name = getattr(step, "__name__", repr(step))
         try:
             step()
         except Exception:
-            log.exception("housekeeping step %s failed", getattr(step, "__name__", step))
+            if self._nag.due(f"step:{name}"):  # a database outage would fail it every pass
+                log.exception("housekeeping step %s failed", name)
 
     def confirm_callbacks(self) -> int:
         """Confirm stored `deleted`/unknown-status callbacks by `GET /assets/{id}`."""

@@ -596,3 +596,29 @@ def test_the_same_code_path_runs_on_sqlite(standin: ServeStandIn, tmp_path: Path
         assert standin.count("GET") == 3
     finally:
         engine.dispose()
+
+
+def test_a_database_outage_is_logged_and_waited_out(
+    standin: ServeStandIn, live_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    down = make_engine("postgresql+psycopg://postgres@127.0.0.1:9/nowhere")
+    settings = settings_for(live_url, standin)
+    client = ServeClient(settings, RateBudget(down, 500))
+    reconciler = Reconciler(
+        sessionmaker(down), client, settings, stats=ReconcilerStats(), rng=random.Random(1)
+    )
+    runner = threading.Thread(target=reconciler.run)
+    try:
+        with caplog.at_level(logging.ERROR, logger="service.reconciler"):
+            runner.start()
+            deadline = time.monotonic() + 30
+            while "cannot claim renders" not in caplog.text and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert runner.is_alive()  # still running, waiting for the database
+            reconciler.stop()
+            runner.join(timeout=30)
+        assert not runner.is_alive()
+        assert "cannot claim renders" in caplog.text
+    finally:
+        client.close()
+        down.dispose()
