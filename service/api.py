@@ -72,6 +72,14 @@ def authenticate() -> None:
     g.api_key_name = name
 
 
+@bp.url_value_preprocessor
+def refuse_impossible_ids(_endpoint: str | None, values: dict[str, Any] | None) -> None:
+    """Answer 404 for an id with a NUL: none exists, and Postgres text cannot hold one."""
+    for value in (values or {}).values():
+        if isinstance(value, str) and "\x00" in value:
+            raise NotFound("no such id is known here")
+
+
 def parse_query(model: type[Q]) -> Q:
     """Validate the query string with a pydantic model; a repeated parameter is an error."""
     args: dict[str, Any] = {}

@@ -138,7 +138,7 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         seen, asset_id = json.loads(raw)
         when = datetime.fromisoformat(seen)
-        if when.tzinfo is None or not isinstance(asset_id, str):
+        if when.tzinfo is None or not isinstance(asset_id, str) or "\x00" in asset_id:
             raise ValueError
     except (binascii.Error, ValueError, TypeError, UnicodeDecodeError):
         raise ApiError(

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from flask import Flask, Response, current_app, json
 from flask_swagger_ui import get_swaggerui_blueprint
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from .jsonapi import MEDIA_TYPE
@@ -27,6 +27,7 @@ from .schemas import (
     RenderAssetsDocument,
     RenderDocument,
     ServeCallback,
+    ShotstackId,
     WebhookAnswer,
 )
 
@@ -129,7 +130,7 @@ def _id_parameter(name: str, what: str) -> dict[str, Any]:
         "name": name,
         "required": True,
         "description": f"The Shotstack {what} id.",
-        "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+        "schema": TypeAdapter(ShotstackId).json_schema(),
     }
 
 

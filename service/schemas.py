@@ -19,7 +19,11 @@ from pydantic import (
 
 AssetStatus = Literal["importing", "ready", "failed", "deleted"]
 AssetKind = Literal["video", "image", "audio", "poster", "thumbnail", "other"]
-ShotstackId = Annotated[str, StringConstraints(min_length=1, max_length=255, strip_whitespace=True)]
+# No NUL: Postgres text cannot hold one, and no Shotstack id has one.
+ShotstackId = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=255, strip_whitespace=True, pattern=r"^[^\x00]*$"),
+]
 
 
 def _as_utc(value: datetime) -> datetime:

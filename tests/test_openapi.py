@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import requests
 import schemathesis
+from schemathesis import GenerationMode
 from flask import Flask
 from hypothesis import HealthCheck, Phase, given, settings
 from openapi_spec_validator import validate
@@ -177,7 +178,8 @@ def test_live_app_answers_only_what_the_document_declares(
         "GET /api/renders/{id}/assets",
     }
     for operation in operations:
-        explore(operation, base_url, session, headers, seen)
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+            explore(operation, mode, base_url, session, headers, seen)
     # The run went past the front door: authenticated requests got real answers.
     assert 200 in seen["GET /api/assets"]
     assert 200 in seen["POST /webhooks/shotstack"]
@@ -185,16 +187,21 @@ def test_live_app_answers_only_what_the_document_declares(
 
 def explore(
     operation: Any,
+    mode: GenerationMode,
     base_url: str,
     session: requests.Session,
     headers: dict[str, str],
     seen: dict[str, set[int]],
 ) -> None:
-    """Send generated requests to one operation; fail on any answer the document denies."""
+    """Send generated requests to one operation; fail on any answer the document denies.
 
-    @given(case=operation.as_strategy())
+    Positive cases fit the document; negative ones break it (a wrong type, a missing field),
+    and must be refused with a declared 4xx, never a 500.
+    """
+
+    @given(case=operation.as_strategy(generation_mode=mode))
     @settings(
-        max_examples=25,
+        max_examples=20,
         deadline=None,
         database=None,
         derandomize=True,
