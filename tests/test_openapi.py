@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import tempfile
@@ -12,10 +13,10 @@ from typing import Any
 import pytest
 import requests
 import schemathesis
-from schemathesis import GenerationMode
 from flask import Flask
 from hypothesis import HealthCheck, Phase, given, settings
 from openapi_spec_validator import validate
+from schemathesis import GenerationMode
 from schemathesis.checks import (
     content_type_conformance,
     not_a_server_error,
@@ -251,3 +252,31 @@ def test_docs_page_renders_the_routes_in_chromium(live_server: tuple[str, Flask]
     for path in DOCUMENTED:
         assert f'data-path="{path}"' in dom, path
     assert "Shotstack Asset Tracker" in dom
+
+
+# --- What schemathesis found: text Postgres cannot store must not crash a request ---------
+
+
+@pytest.mark.parametrize(
+    ("method", "url", "body", "status"),
+    [
+        ("get", "/api/assets/a%00b", None, 404),
+        ("delete", "/api/assets/a%00b", None, 404),
+        ("get", "/api/renders/a%00b", None, 404),
+        ("get", "/api/renders/a%00b/assets", None, 404),
+        ("get", "/api/assets?filter[renderId]=a%00b", None, 400),
+        ("post", "/api/renders", {"data": {"type": "renders", "id": "a\x00b"}}, 400),
+        ("post", f"/webhooks/shotstack?token={WEBHOOK_TOKEN}", {"type": "x", "a": "\x00"}, 400),
+        ("post", f"/webhooks/shotstack?token={WEBHOOK_TOKEN}", {"type": "x", "\ud800": 1}, 400),
+    ],
+)
+def test_text_postgres_cannot_store_is_refused(
+    client: Any, auth: dict[str, str], method: str, url: str, body: Any, status: int
+) -> None:
+    kwargs: dict[str, Any] = {"headers": auth}
+    if body is not None:
+        kwargs["data"] = json.dumps(body)  # escapes the NUL and the lone surrogate, as JSON
+        kwargs["content_type"] = "application/json"
+    response = getattr(client, method)(url, **kwargs)
+    assert response.status_code == status
+    assert response.mimetype == "application/vnd.api+json"
