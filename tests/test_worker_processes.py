@@ -207,6 +207,7 @@ def test_a_killed_workers_renders_are_taken_over_after_its_lease(
     first.popen.kill()  # SIGKILL: no clean-up at all
     assert first.wait() == -signal.SIGKILL
     killed_at = time.time()
+    time.sleep(0.3)  # let the stand-in record any request the dead worker had already sent
 
     held = {r.id: r for r in renders(sessions).values() if r.lease_owner is not None}
     assert held and all(r.tracking == "pending" for r in held.values())
