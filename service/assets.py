@@ -2,30 +2,37 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from typing import Any
+from datetime import datetime, timedelta
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 from sqlalchemy import (
     ColumnElement,
+    Insert,
+    Integer,
+    String,
+    Text,
     and_,
+    bindparam,
     case,
     exists,
     func,
-    literal,
+    literal_column,
     not_,
+    null,
     select,
     tuple_,
     update,
 )
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from .db import UTCDateTime, insert_for
 from .models import Asset, Render, Source
 
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 STATUS_RANK = {"importing": 0, "ready": 1, "failed": 1, "deleted": 2}
 CALLBACK_STATUSES = ("importing", "ready", "failed")
 
@@ -75,18 +82,119 @@ def _earlier(a: ColumnElement[Any], b: ColumnElement[Any]) -> ColumnElement[Any]
     return case((a.is_(None), b), (a < b, a), else_=b)
 
 
-def _rank(status: ColumnElement[Any]) -> ColumnElement[Any]:
-    return case({s: r for s, r in STATUS_RANK.items()}, value=status, else_=-1)
+def _const(value: str | int) -> ColumnElement[Any]:
+    """A constant written into the SQL, not bound: shorter statements that psycopg can cache."""
+    if isinstance(value, int):
+        return literal_column(str(value), Integer())
+    return literal_column(f"'{value}'", String())
 
 
 def _precedence(status: Any, updated: Any, source: Any) -> ColumnElement[Any]:
     """The order of SPEC §3: rank, then the newer timestamp, then a lookup, then `failed`.
 
-    The last member only breaks a full tie between `ready` and `failed` from the same kind of
+    The rank (importing < ready = failed < deleted) is the pair (not importing, deleted). The
+    last member only breaks a full tie between `ready` and `failed` from the same kind of
     source with equal or missing timestamps, so that the outcome never depends on arrival order.
     """
-    stamp = func.coalesce(updated, literal(EPOCH, UTCDateTime))
-    return tuple_(_rank(status), stamp, source, case((status == "failed", 1), else_=0))
+    stamp = func.coalesce(updated, literal_column("'1970-01-01 00:00:00+00'"))
+    return tuple_(
+        status != _const("importing"),
+        status == _const("deleted"),
+        stamp,
+        source,
+        status == _const("failed"),
+    )
+
+
+def _insert(dialect: str, table: Any) -> Any:
+    """An INSERT that knows ON CONFLICT on this dialect (Postgres or SQLite)."""
+    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
+
+
+def _dialect(session: Session) -> str:
+    return session.get_bind().dialect.name
+
+
+# The upserts below are built once per variant, with bound parameters, and then only executed:
+# building one costs more CPU than a callback's whole round trip to Postgres (bench/).
+_NOW = bindparam("now", type_=UTCDateTime())
+_DUE = bindparam("due", type_=UTCDateTime())
+_ASSET_ID = bindparam("asset_id", type_=Text())
+_ASSET_COLUMNS = (
+    "render_id",
+    "owner",
+    "region",
+    "filename",
+    "url",
+    "status",
+    "status_source",
+    "kind",
+    "created",
+    "updated",
+    "last_synced_at",
+    "deleted_at",
+)
+
+
+@functools.cache
+def _render_upsert(dialect: str, *, settles: bool, edit: bool, reopens: bool) -> Insert:
+    """The upsert of track_render; parameters `render_id`, `render_status`, `now`, `due`.
+
+    `reopens` adds the re-opening test on parameter `asset_id`, `edit` the status update from
+    parameter `edit_status`.
+    """
+    r = Render.__table__.c
+    render_id = bindparam("render_id", type_=Text())
+    stmt = _insert(dialect, Render.__table__).values(
+        id=render_id,
+        status=bindparam("render_status", type_=String()),
+        tracking=_const("settled" if settles else "pending"),
+        attempts=_const(0),
+        next_check_at=null() if settles else _DUE,
+        settled_at=_NOW if settles else null(),
+        first_seen_at=_NOW,
+    )
+    if settles:
+        changes: dict[str, Any] = {
+            "status": _const("failed"),
+            "tracking": _const("settled"),
+            "settled_at": func.coalesce(r.settled_at, _NOW),
+            "next_check_at": null(),
+        }
+    else:
+        pending = _const("pending")
+        earlier = _earlier(r.next_check_at, _DUE)
+        if reopens:
+            reopen = and_(r.tracking != pending, not_(exists().where(Asset.id == _ASSET_ID)))
+            changes = {
+                "tracking": case((reopen, pending), else_=r.tracking),
+                "settled_at": case((reopen, null()), else_=r.settled_at),
+                "attempts": case((reopen, _const(0)), else_=r.attempts),
+                "next_check_at": case(
+                    (reopen, _DUE), (r.tracking == pending, earlier), else_=r.next_check_at
+                ),
+            }
+        else:
+            changes = {
+                "next_check_at": case((r.tracking == pending, earlier), else_=r.next_check_at)
+            }
+        if edit:
+            edit_status = bindparam("edit_status", type_=String())
+            failed = _const("failed")
+            changes["status"] = case((r.status == failed, failed), else_=edit_status)
+    return cast(Insert, stmt.on_conflict_do_update(index_elements=[r.id], set_=changes))
+
+
+def _render_params(
+    render_id: str, *, now: datetime, grace: float, edit_status: str | None
+) -> dict[str, Any]:
+    return {
+        "render_id": render_id,
+        "render_status": edit_status or "unknown",
+        "edit_status": edit_status,
+        "now": now,
+        "due": now + timedelta(seconds=grace),
+    }
 
 
 def track_render(
@@ -104,77 +212,31 @@ def track_render(
     `new_asset_id` names an asset being recorded: if it is not known yet, a settled or expired
     render is re-opened, since a lookup has not seen that asset.
     """
-    due = now + timedelta(seconds=grace)
-    settles = edit_status == "failed"
-    r = Render.__table__.c
-    values: dict[str, Any] = {
-        "id": render_id,
-        "status": edit_status or "unknown",
-        "tracking": "settled" if settles else "pending",
-        "attempts": 0,
-        "next_check_at": None if settles else due,
-        "settled_at": now if settles else None,
-        "first_seen_at": now,
-    }
-    stmt = insert_for(session, Render).values(**values)
-    if settles:
-        changes: dict[str, Any] = {
-            "status": "failed",
-            "tracking": "settled",
-            "settled_at": func.coalesce(r.settled_at, now),
-            "next_check_at": None,
-        }
-    else:
-        reopen: ColumnElement[bool] = literal(False)
-        if new_asset_id is not None:
-            reopen = and_(r.tracking != "pending", not_(exists().where(Asset.id == new_asset_id)))
-        changes = {
-            "tracking": case((reopen, "pending"), else_=r.tracking),
-            "settled_at": case((reopen, None), else_=r.settled_at),
-            "attempts": case((reopen, 0), else_=r.attempts),
-            "next_check_at": case(
-                (reopen, due),
-                (r.tracking == "pending", _earlier(r.next_check_at, literal(due, UTCDateTime))),
-                else_=r.next_check_at,
-            ),
-        }
-        if edit_status is not None:
-            changes["status"] = case((r.status == "failed", "failed"), else_=edit_status)
-    session.execute(stmt.on_conflict_do_update(index_elements=[r.id], set_=changes))
+    stmt = _render_upsert(
+        _dialect(session),
+        settles=edit_status == "failed",
+        edit=edit_status is not None,
+        reopens=new_asset_id is not None,
+    )
+    params = _render_params(render_id, now=now, grace=grace, edit_status=edit_status)
+    params["asset_id"] = new_asset_id
+    # Core, not the ORM's execute: these statements load no objects (and cost less so).
+    session.connection().execute(stmt, params)
 
 
-def record_asset(
-    session: Session, facts: AssetFacts, *, source: Source, now: datetime, grace: float
-) -> None:
-    """Insert or update an asset so that its status only moves as SPEC §3 orders it.
+@functools.cache
+def _asset_upsert(dialect: str, *, lookup: bool, with_render: bool) -> Insert:
+    """The upsert of record_asset; parameters `asset_id`, `a_<column>` and `now`.
 
-    Also tracks its render, re-opening it when the asset is new. A lookup fills what it knows
-    over what callbacks said; a callback only fills what is still empty.
+    With `with_render` (Postgres), the render's upsert rides along as a data-modifying CTE:
+    one statement, one round trip. Both parts read the same snapshot, so the render's re-open
+    test still sees the asset as it was before this statement.
     """
-    if source is Source.CALLBACK and facts.status not in CALLBACK_STATUSES:
-        raise ValueError(f"a callback cannot set status {facts.status!r}")
-    track_render(session, facts.render_id, now=now, grace=grace, new_asset_id=facts.id)
-
-    filename = facts.filename or filename_from_url(facts.url)
-    lookup = source is Source.LOOKUP
-    values = {
-        "id": facts.id,
-        "render_id": facts.render_id,
-        "owner": facts.owner,
-        "region": facts.region,
-        "filename": filename,
-        "url": facts.url,
-        "status": facts.status,
-        "status_source": int(source),
-        "kind": kind_for(filename),
-        "created": facts.created or (None if lookup else facts.updated),
-        "updated": facts.updated,
-        "first_seen_at": now,
-        "last_synced_at": now if lookup else None,
-        "deleted_at": now if facts.status == "deleted" else None,
-    }
-    stmt = insert_for(session, Asset).values(**values)
-    old, new = Asset.__table__.c, stmt.excluded
+    table = Asset.__table__
+    values: dict[str, Any] = {"id": _ASSET_ID, "first_seen_at": _NOW}
+    values.update({c: bindparam(f"a_{c}", type_=table.c[c].type) for c in _ASSET_COLUMNS})
+    stmt = _insert(dialect, table).values(values)
+    old, new = table.c, stmt.excluded
     wins = _precedence(new.status, new.updated, new.status_source) > _precedence(
         old.status, old.updated, old.status_source
     )
@@ -193,10 +255,52 @@ def record_asset(
     if lookup:
         changes["last_synced_at"] = new.last_synced_at
         changes["deleted_at"] = case(
-            (and_(wins, new.status == "deleted"), func.coalesce(old.deleted_at, now)),
+            (and_(wins, new.status == _const("deleted")), func.coalesce(old.deleted_at, _NOW)),
             else_=old.deleted_at,
         )
-    session.execute(stmt.on_conflict_do_update(index_elements=[old.id], set_=changes))
+    upsert: Insert = stmt.on_conflict_do_update(index_elements=[old.id], set_=changes)
+    if with_render:
+        render = _render_upsert(dialect, settles=False, edit=False, reopens=True)
+        upsert = upsert.add_cte(render.returning(Render.__table__.c.id).cte("tracked"))
+    return upsert
+
+
+def record_asset(
+    session: Session, facts: AssetFacts, *, source: Source, now: datetime, grace: float
+) -> None:
+    """Insert or update an asset so that its status only moves as SPEC §3 orders it.
+
+    Also tracks its render, re-opening it when the asset is new. A lookup fills what it knows
+    over what callbacks said; a callback only fills what is still empty.
+    """
+    if source is Source.CALLBACK and facts.status not in CALLBACK_STATUSES:
+        raise ValueError(f"a callback cannot set status {facts.status!r}")
+    dialect = _dialect(session)
+    # SQLite has no data-modifying CTE: there the render goes first, in its own statement.
+    with_render = dialect == "postgresql"
+    if not with_render:
+        track_render(session, facts.render_id, now=now, grace=grace, new_asset_id=facts.id)
+
+    filename = facts.filename or filename_from_url(facts.url)
+    lookup = source is Source.LOOKUP
+    params = _render_params(facts.render_id, now=now, grace=grace, edit_status=None)
+    params.update(
+        asset_id=facts.id,
+        a_render_id=facts.render_id,
+        a_owner=facts.owner,
+        a_region=facts.region,
+        a_filename=filename,
+        a_url=facts.url,
+        a_status=facts.status,
+        a_status_source=int(source),
+        a_kind=kind_for(filename),
+        a_created=facts.created or (None if lookup else facts.updated),
+        a_updated=facts.updated,
+        a_last_synced_at=now if lookup else None,
+        a_deleted_at=now if facts.status == "deleted" else None,
+    )
+    upsert = _asset_upsert(dialect, lookup=lookup, with_render=with_render)
+    session.connection().execute(upsert, params)
 
 
 def mark_deleted(session: Session, asset_id: str, *, by: str, now: datetime) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 from typing import Any, ClassVar, TypeVar
 
@@ -14,6 +15,7 @@ from sqlalchemy import JSON, DateTime, MetaData, create_engine, event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect, Engine
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
@@ -38,6 +40,7 @@ ANSWER_TIMEOUT_S = STATEMENT_TIMEOUT_MS / 1000 + 0.5
 # A pooled connection's ping is one empty round trip; a short bound leaves room to reconnect
 # (connect_timeout) within the 5 s of SPEC §3.
 PING_TIMEOUT_S = 1.0
+IDLE_BEFORE_PING_S = 1.0
 
 RV = TypeVar("RV")
 
@@ -122,6 +125,23 @@ def _bound_postgres_waits(engine: Engine) -> None:
     # The pool calls the dialect's do_ping; no event lets one bound just the ping.
     setattr(engine.dialect, "do_ping", bounded_ping)  # noqa: B010
 
+    # pool_pre_ping would cost every request a round trip; a connection back in use within
+    # IDLE_BEFORE_PING_S is trusted, one idle longer (the server may have gone) is pinged.
+    @event.listens_for(engine, "checkin")
+    def _idle_from(_dbapi_connection: Any, record: Any) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _ping_if_idle(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        idle_since = record.info.pop("idle_since", None)
+        if idle_since is None or time.monotonic() - idle_since < IDLE_BEFORE_PING_S:
+            return
+        try:
+            bounded_ping(dbapi_connection)
+        except Exception as exc:
+            # The pool then drops this connection and checks out (or opens) another.
+            raise DisconnectionError(f"a pooled connection failed its ping: {exc}") from exc
+
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
     """Create an engine whose every step is bounded in time (Postgres) or waits on locks."""
@@ -150,7 +170,7 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         "application_name": "asset-tracker",
     }
     connect_args.update(kwargs.pop("connect_args", {}))
-    kwargs.setdefault("pool_pre_ping", True)
+    kwargs.setdefault("pool_pre_ping", False)  # _bound_postgres_waits pings idle ones
     kwargs.setdefault("pool_timeout", POOL_TIMEOUT_S)
     engine = create_engine(url, connect_args=connect_args, **kwargs)
     _bound_postgres_waits(engine)

@@ -19,10 +19,13 @@ from pydantic import (
 
 AssetStatus = Literal["importing", "ready", "failed", "deleted"]
 AssetKind = Literal["video", "image", "audio", "poster", "thumbnail", "other"]
-# No NUL: Postgres text cannot hold one, and no Shotstack id has one.
+# No control character: Postgres text cannot hold a NUL, a newline cannot go in a Location
+# header (it was a 500), and no Shotstack id has one.
 ShotstackId = Annotated[
     str,
-    StringConstraints(min_length=1, max_length=255, strip_whitespace=True, pattern=r"^[^\x00]*$"),
+    StringConstraints(
+        min_length=1, max_length=255, strip_whitespace=True, pattern=r"^[^\x00-\x1f\x7f]*$"
+    ),
 ]
 
 

@@ -354,8 +354,21 @@ def test_a_query_on_a_render_is_400(client: FlaskClient, auth: dict[str, str]) -
         (b'{"data": {"type": "renders"}}', "/data/id"),
         (b'{"data": {"type": "renders", "id": ""}}', "/data/id"),
         (b'{"data": {"type": "renders", "id": 5}}', "/data/id"),
+        (b'{"data": {"type": "renders", "id": "r-1\\nSet-Cookie: x=1"}}', "/data/id"),
+        (b'{"data": {"type": "renders", "id": "r-1\\u0000"}}', "/data/id"),
     ],
-    ids=["not-json", "array", "no-data", "null-data", "wrong-type", "no-id", "empty-id", "int-id"],
+    ids=[
+        "not-json",
+        "array",
+        "no-data",
+        "null-data",
+        "wrong-type",
+        "no-id",
+        "empty-id",
+        "int-id",
+        "newline-id",
+        "nul-id",
+    ],
 )
 def test_a_bad_render_document_is_400_with_a_pointer(
     client: FlaskClient,
@@ -480,6 +493,7 @@ def arriving(live_app: Flask) -> Iterator[dict[str, Any]]:
                 first.set()
 
     thread = threading.Thread(target=run, daemon=True)
+    state["thread"] = thread
     thread.start()
     assert first.wait(timeout=30)
     state["posted_before"] = state["posted"]
@@ -513,6 +527,7 @@ def test_paging_1000_assets_returns_each_once_in_order_while_callbacks_arrive(
         url = response.json["links"]["next"]
     during = arriving["posted"] - arriving["posted_before"]
     arriving["stop"].set()
+    arriving["thread"].join(timeout=30)  # its last callback is committed before the count
 
     keys = [(item["attributes"]["firstSeenAt"], item["id"]) for item in seen]
     assert keys == sorted(keys, reverse=True)
