@@ -132,6 +132,18 @@ class RateBudget:
 
     def reserve(self, *, max_wait: float | None = None) -> float:
         """Reserve the next slot; return the seconds until it (acquire without the sleep)."""
+        if self._postgres:
+            # Autocommit: the row lock ends with the statement, not a round trip later at
+            # COMMIT, so many processes reserving at once do not queue on it and lose slots.
+            autocommit = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+            with autocommit as conn:
+                fast = conn.execute(
+                    _RESERVE_PG,
+                    {"id": BUDGET_ID, "interval": self.interval, "max_wait": max_wait},
+                ).scalar()
+            if fast is not None:
+                return max(0.0, float(fast))
+        # Refused (paused, booked too far ahead) or SQLite: find out why in a transaction.
         for _ in range(2):
             with self.engine.begin() as conn:
                 if self._postgres:
