@@ -137,7 +137,7 @@ def _bound_postgres_waits(engine: Engine) -> None:
         if idle_since is None or time.monotonic() - idle_since < IDLE_BEFORE_PING_S:
             return
         try:
-            bounded_ping(dbapi_connection)
+            engine.dialect.do_ping(dbapi_connection)
         except Exception as exc:
             # The pool then drops this connection and checks out (or opens) another.
             raise DisconnectionError(f"a pooled connection failed its ping: {exc}") from exc

@@ -17,6 +17,7 @@ from sqlalchemy.orm import sessionmaker
 from werkzeug.test import TestResponse
 
 from service import create_app, webhooks
+from service import db as db_module
 from service.db import make_engine
 from service.models import Asset, Render, WebhookEvent
 
@@ -672,3 +673,49 @@ def test_a_database_down_or_hung_before_the_request_is_503(
     assert response.status_code == (200 if kind == "known" else 400)
     with live_engine.connect() as conn:
         assert _count(conn, WebhookEvent) == 2
+
+
+def _count_pings(app: Flask, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    dialect = app.extensions["db"].engine.dialect
+    pings: list[int] = []
+    real_ping = dialect.do_ping
+
+    def counted(dbapi_connection: Any) -> bool:
+        pings.append(1)
+        return bool(real_ping(dbapi_connection))
+
+    monkeypatch.setattr(dialect, "do_ping", counted)
+    return pings
+
+
+def test_a_connection_idle_past_the_threshold_is_pinged_and_replaced_when_dead(
+    outage_app: Flask, proxy: TcpProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A database restart (every connection closed) costs no request when the pool pings."""
+    client = outage_app.test_client()
+    assert _timed_post(client, _json(serve_callback("a-0", "r-0")))[0].status_code == 200
+    pings = _count_pings(outage_app, monkeypatch)
+    monkeypatch.setattr(db_module, "IDLE_BEFORE_PING_S", 0.0)  # every checkout counts as idle
+    proxy.restore()  # closes the pooled connection, as a restart of Postgres would
+    response, _ = _timed_post(client, _json(serve_callback("a-1", "r-1")))
+    assert response.json == {"outcome": "processed"}
+    assert pings == [1]
+
+
+def test_a_connection_back_in_use_at_once_is_not_pinged(
+    outage_app: Flask, proxy: TcpProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under load no request pays a ping; a connection found dead then is a 503, retried."""
+    client = outage_app.test_client()
+    assert _timed_post(client, _json(serve_callback("a-0", "r-0")))[0].status_code == 200
+    pings = _count_pings(outage_app, monkeypatch)
+    monkeypatch.setattr(db_module, "IDLE_BEFORE_PING_S", 3600.0)
+    assert _timed_post(client, _json(serve_callback("a-1", "r-1")))[0].status_code == 200
+    proxy.restore()
+    response, elapsed = _timed_post(client, _json(serve_callback("a-2", "r-2")))
+    _assert_unavailable(response, elapsed)
+    assert pings == []
+    # The pool let the dead connection go: the retry gets a new one.
+    assert _timed_post(client, _json(serve_callback("a-2", "r-2")))[0].json == {
+        "outcome": "processed"
+    }
