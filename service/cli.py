@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from .config import PROJECT_ROOT, ConfigError, Settings, load_settings
@@ -71,7 +72,13 @@ def worker(once: bool) -> None:
         from .metrics import serve_worker_metrics
 
         serve_worker_metrics(settings.worker_metrics_port, database_url=settings.database_url)
-    run_worker(settings, once=once)
+    try:
+        run_worker(settings, once=once)
+    except SQLAlchemyError as exc:  # only --once gives up; the loop waits for the database
+        reason = str(exc.orig if isinstance(exc, DBAPIError) else exc).splitlines()[0]
+        raise click.ClickException(
+            f"database: {reason} (is it reachable, and migrated with `alembic upgrade head`?)"
+        ) from None
 
 
 @contextmanager
