@@ -649,15 +649,14 @@ class Reconciler:
         return done
 
     def _confirm_one(self, claim: EventClaim) -> bool:
-        try:
-            if self.stopping.is_set() or self.paused_for() > 0:
-                raise _GiveBack
-            bound = self.policy.lease * (1 - LEASE_MARGIN)
-            facts = self.client.bounded(bound).get_asset(claim.asset_id)
-        except _GiveBack:
+        """Confirm one leased callback by `GET /assets/{id}`; True when it was applied."""
+        if self.stopping.is_set() or self.paused_for() > 0:  # not started: hand it back
             with self._txn() as session:
                 retry_event_later(session, claim, at=utcnow(), error=None, count_attempt=False)
             return False
+        try:
+            bound = self.policy.lease * (1 - LEASE_MARGIN)
+            facts = self.client.bounded(bound).get_asset(claim.asset_id)
         except ShotstackRateLimited as exc:
             self.stats.add("rate_limited")
             self._pause(exc.retry_after)
@@ -792,10 +791,6 @@ class Reconciler:
             released = 0
         counts = " ".join(f"{k}={v}" for k, v in self.stats.snapshot().items())
         log.info("reconciler %s stopped; %d leases released; %s", self.owner, released, counts)
-
-
-class _GiveBack(Exception):
-    """A queued job that should not start (stopping, or the budget is paused)."""
 
 
 # --- One-off commands ----------------------------------------------------------------------
