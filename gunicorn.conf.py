@@ -10,8 +10,19 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import sys
 import tempfile
 from typing import Any
+
+from service.config import ConfigError, load_settings
+
+# Bad configuration stops the start with one line (SPEC §2), before any worker boots: a
+# worker failing in create_app() would end in gunicorn's traceback instead.
+try:
+    load_settings()
+except ConfigError as exc:
+    sys.stderr.write(f"asset-tracker: {exc}\n")
+    sys.exit(2)
 
 # Threads, not processes alone: a request waiting on Shotstack (or on Postgres) blocks one
 # thread of a worker, and the other threads keep answering callbacks. gthread also keeps

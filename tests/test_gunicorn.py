@@ -305,3 +305,33 @@ def test_config_follows_the_platform_conventions(
     os.environ.pop("PROMETHEUS_MULTIPROC_DIR")
     default["on_exit"](None)
     assert default["workers"] >= 2
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "named"),
+    [
+        ("SHOTSTACK_ENV", "prod", "SHOTSTACK_ENV"),
+        ("SHOTSTACK_API_URL", "not-a-url", "SHOTSTACK_API_URL"),
+        ("API_KEYS", "tokenwithoutname", "API_KEYS"),
+    ],
+)
+@pytest.mark.parametrize("command", ["gunicorn", "worker"])
+def test_bad_configuration_stops_the_start_with_one_line(
+    tmp_path: Path, command: str, variable: str, value: str, named: str
+) -> None:
+    bin_dir = Path(sys.executable).parent
+    argv = (
+        [str(bin_dir / "gunicorn"), "-c", str(PROJECT_ROOT / "gunicorn.conf.py"),
+         "-b", f"127.0.0.1:{_free_port()}", "service:create_app()"]
+        if command == "gunicorn"
+        else [str(bin_dir / "asset-tracker"), "worker", "--once"]
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SHOTSTACK_", "API_KEYS"))}
+    env[variable] = value
+    done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=30)
+    assert done.returncode != 0
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    assert named in lines[0]
+    assert "Traceback" not in lines[0]
