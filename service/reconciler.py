@@ -160,25 +160,28 @@ def claim_due(
     until = now + timedelta(seconds=lease)
     free = or_(Render.lease_until.is_(None), Render.lease_until < now)
     due = (
-        select(Render.id, Render.lease_until)
+        select(Render.id, Render.lease_until.label("previous_lease"))
         .where(Render.tracking == "pending", Render.next_check_at <= (due_by or now), free)
         .order_by(Render.next_check_at)
         .limit(limit)
         .with_for_update(skip_locked=True)
+        .subquery("due")
     )
-    # Read first, to tell a lease that ended unfinished (its worker died) from no lease.
-    stale = {row.id: row.lease_until is not None for row in session.execute(due)}
-    if not stale:
-        return []
+    # One statement: UPDATE … FROM (SELECT … FOR UPDATE SKIP LOCKED) RETURNING. The lease it
+    # replaced tells a takeover (its worker died) from a render nobody held. SQLite cannot
+    # return a column of the FROM table; it runs one worker, so there is no one to take over.
+    postgres = session.get_bind().dialect.name == "postgresql"
+    taken_over = due.c.previous_lease.is_not(None) if postgres else literal(False)
     stmt = (
         update(Render)
-        .where(Render.id.in_(list(stale)), free)  # `free` again: SQLite takes no row locks
+        .where(Render.id == due.c.id, free)  # `free` again: SQLite takes no row locks
         .values(lease_owner=owner, lease_until=until)
-        .returning(Render.id)
+        .returning(Render.id, taken_over)
         .execution_options(synchronize_session=False)
     )
-    ids = session.execute(stmt).scalars().all()
-    LEASES_TAKEN_OVER.inc(sum(stale[render_id] for render_id in ids))
+    rows = session.execute(stmt).all()
+    LEASES_TAKEN_OVER.inc(sum(1 for _, taken_over in rows if taken_over))
+    ids = [render_id for render_id, _ in rows]
     return [Claim(render_id, now, until) for render_id in ids]
 
 
