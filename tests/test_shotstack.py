@@ -20,6 +20,7 @@ from service.config import Settings
 from service.db import Base, make_engine
 from service.models import ShotstackBudget
 from service.shotstack import (
+    JITTER_MARGIN,
     RateBudget,
     ServeClient,
     ShotstackAuthError,
@@ -388,7 +389,7 @@ def test_slots_are_spaced_by_the_interval(engine: Engine, tmp_path: Path, databa
         start = next_slot(first)
         delays = [budget.reserve() for budget in (second, first, second)]
         assert next_slot(first) - start == timedelta(seconds=3 * first.interval)
-        assert first.interval == pytest.approx(1.1 / 2.0)
+        assert first.interval == pytest.approx((1 + JITTER_MARGIN) / 2.0)
         assert delays == sorted(delays) and delays[-1] <= 3 * first.interval
         # A caller that will not wait that long takes no slot.
         with pytest.raises(ShotstackRateLimited) as raised:
