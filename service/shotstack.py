@@ -115,7 +115,8 @@ class RateBudget:
         """Reserve the next slot, then sleep until it with no transaction open.
 
         A slot woken up to too late is given up for a new one (LATE_RETRIES times at most).
-        Raise ShotstackRateLimited while the deployment is paused, or when the slot would be
+        Raise ShotstackRateLimited while the deployment is paused (also when a pause began
+        while this call waited for its slot), or when the slot would be
         more than `max_wait` seconds away (then no slot is taken).
         """
         until = None if max_wait is None else time.monotonic() + max_wait
@@ -126,6 +127,12 @@ class RateBudget:
             RATE_BUDGET_WAIT.observe(delay)
             if delay > 0:
                 time.sleep(delay)
+                # A 429 may have paused everyone while this call waited for its slot.
+                left = self.paused_for()
+                if left > 0:
+                    raise ShotstackRateLimited(
+                        f"calls to Shotstack are paused for {left:.1f} s after a 429", left
+                    )
             late = time.monotonic() - (start + delay)
             if late <= self.late_tolerance or attempt == LATE_RETRIES:
                 return
