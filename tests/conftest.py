@@ -19,11 +19,14 @@ from sqlalchemy.orm import sessionmaker
 from service import create_app
 from service.config import PROJECT_ROOT, Settings
 from service.db import make_engine
+from service.shotstack import RateBudget
 
 from .pg import find_postgres
+from .standin import ServeStandIn
 
 WEBHOOK_TOKEN = "hook-secret-0123456789"
 API_TOKEN = "api-secret-abcdefghij"
+SHOTSTACK_KEY = "serve-key-SECRET-42"
 LIVE_TABLES = "webhook_events, assets, renders"
 
 
@@ -57,14 +60,19 @@ def pg_url() -> str:
     return Settings(_env_file=None, database_url=url).database_url  # type: ignore[call-arg]
 
 
+def upgrade(conn: Connection) -> None:
+    """Run every migration on this connection (Postgres or SQLite)."""
+    config = Config(toml_file=str(PROJECT_ROOT / "pyproject.toml"))
+    config.attributes["connection"] = conn
+    command.upgrade(config, "head")
+
+
 def migrate(engine: Engine) -> None:
     """Drop everything, then run every migration, on one connection."""
     with engine.begin() as conn:
         conn.execute(text("DROP SCHEMA public CASCADE"))
         conn.execute(text("CREATE SCHEMA public"))
-        config = Config(toml_file=str(PROJECT_ROOT / "pyproject.toml"))
-        config.attributes["connection"] = conn
-        command.upgrade(config, "head")
+        upgrade(conn)
 
 
 @pytest.fixture(scope="session")
@@ -100,6 +108,22 @@ def app(pg_url: str, connection: Connection) -> Iterator[Flask]:
     )
     yield app
     db.engine.dispose()
+
+
+@pytest.fixture
+def standin() -> Iterator[ServeStandIn]:
+    """The Serve API stand-in on loopback, checking SHOTSTACK_KEY; its timeouts sleep 1.5 s."""
+    with ServeStandIn(api_key=SHOTSTACK_KEY, timeout_sleep=1.5) as serve:
+        yield serve
+
+
+@pytest.fixture
+def budget(engine: Engine) -> Iterator[RateBudget]:
+    """The committed budget row (outside the test's transaction), fast, cleared around a test."""
+    budget = RateBudget(engine, 1000.0)
+    budget.reset()
+    yield budget
+    budget.reset()
 
 
 @pytest.fixture

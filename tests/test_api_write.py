@@ -14,8 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from alembic import command
-from alembic.config import Config
 from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import Connection, Engine, select, text
@@ -23,16 +21,15 @@ from sqlalchemy.orm import sessionmaker
 
 from service import create_app
 from service.assets import AssetFacts, record_asset
-from service.config import PROJECT_ROOT
 from service.db import make_engine
 from service.models import Asset, Render, Source
 from service.shotstack import RateBudget
 
-from .conftest import app_settings
+from .conftest import SHOTSTACK_KEY, app_settings, upgrade
 from .helpers import post_callback, serve_callback
 from .standin import ServeStandIn
 
-KEY = "serve-key-SECRET-42"
+KEY = SHOTSTACK_KEY
 RENDER = "d2b46ed6-998a-4d6b-9d91-b8cf0193a655"
 ASSET = "e4433cbf-e501-76a2-ac8b-715d26997540"
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
@@ -45,21 +42,6 @@ def shotstack_settings(url: str, database_url: str, **extra: Any) -> dict[str, A
         "shotstack_timeout": "0.5,0.5",
     }
     return app_settings(database_url, **{**values, **extra})
-
-
-@pytest.fixture
-def standin() -> Iterator[ServeStandIn]:
-    with ServeStandIn(api_key=KEY, timeout_sleep=1.5) as s:
-        yield s
-
-
-@pytest.fixture
-def budget(engine: Engine) -> Iterator[RateBudget]:
-    """The committed budget row the app shares; cleared around each test."""
-    budget = RateBudget(engine, 1000.0)
-    budget.reset()
-    yield budget
-    budget.reset()
 
 
 @contextmanager
@@ -511,9 +493,7 @@ def test_sqlite_quick_start_talks_to_shotstack(
     url = f"sqlite:///{tmp_path / 'quick.sqlite3'}"
     engine = make_engine(url)
     with engine.begin() as conn:
-        config = Config(toml_file=str(PROJECT_ROOT / "pyproject.toml"))
-        config.attributes["connection"] = conn
-        command.upgrade(config, "head")
+        upgrade(conn)
     engine.dispose()
     standin.add_asset(ASSET, RENDER)
     app = create_app(shotstack_settings(standin.url, url))

@@ -8,7 +8,6 @@ import multiprocessing
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -30,9 +29,10 @@ from service.shotstack import (
     retry_after_seconds,
 )
 
+from .conftest import SHOTSTACK_KEY
 from .standin import ServeStandIn
 
-KEY = "serve-key-SECRET-42"
+KEY = SHOTSTACK_KEY
 RENDER = "d2b46ed6-998a-4d6b-9d91-b8cf0193a655"
 ASSET = "e4433cbf-e501-76a2-ac8b-715d26997540"
 
@@ -49,21 +49,6 @@ def fetch(url: str, method: str = "GET", key: str | None = KEY) -> tuple[int, An
     except urllib.error.HTTPError as exc:
         raw = exc.read()
         return exc.code, json.loads(raw) if raw else None
-
-
-@pytest.fixture
-def standin() -> Iterator[ServeStandIn]:
-    with ServeStandIn(api_key=KEY, timeout_sleep=1.5) as s:
-        yield s
-
-
-@pytest.fixture
-def budget(engine: Engine) -> Iterator[RateBudget]:
-    """A budget on the committed test database, fast enough never to slow a test."""
-    budget = RateBudget(engine, 1000.0)
-    budget.reset()
-    yield budget
-    budget.reset()
 
 
 def settings_for(standin: ServeStandIn, **extra: Any) -> Settings:

@@ -4,14 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from alembic import command
-from alembic.config import Config
-
 from service import create_app
-from service.config import PROJECT_ROOT
 from service.db import make_engine
 
-from .conftest import API_TOKEN, app_settings
+from .conftest import API_TOKEN, app_settings, upgrade
 from .helpers import edit_callback, post_callback, serve_callback
 
 
@@ -19,9 +15,7 @@ def test_sqlite_quick_start(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'quick.sqlite3'}"
     engine = make_engine(url)
     with engine.begin() as conn:
-        config = Config(toml_file=str(PROJECT_ROOT / "pyproject.toml"))
-        config.attributes["connection"] = conn
-        command.upgrade(config, "head")
+        upgrade(conn)
     engine.dispose()
 
     app = create_app(app_settings(url))
