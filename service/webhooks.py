@@ -259,15 +259,10 @@ def _token_ok(settings: Settings) -> bool:
 
 
 def _read_body() -> bytes:
-    if request.content_length is not None and request.content_length > MAX_BODY:
-        raise ApiError(
-            f"the body is larger than {MAX_BODY} bytes",
-            status=413,
-            code="too_large",
-            title="Payload too large",
-        )
-    body = request.stream.read(MAX_BODY + 1)
-    if len(body) > MAX_BODY:
+    """Read at most MAX_BODY bytes; 413 for more, declared or sent (chunked)."""
+    declared = request.content_length or 0
+    body = b"" if declared > MAX_BODY else request.stream.read(MAX_BODY + 1)
+    if declared > MAX_BODY or len(body) > MAX_BODY:
         raise ApiError(
             f"the body is larger than {MAX_BODY} bytes",
             status=413,
