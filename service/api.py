@@ -293,7 +293,10 @@ def _look_up_render(session: Session, render_id: str) -> list[Asset]:
     asks = _claim_lookup(session, render_id, now=utcnow())
     session.commit()  # no transaction is held across a call to Shotstack (SPEC §4)
     if asks:
-        _record(session, _ask_shotstack(lambda client: client.assets_by_render(render_id)))
+        found = _ask_shotstack(lambda client: client.assets_by_render(render_id))
+        _record(session, found)
+        with session.begin():  # like any lookup by render id, it may settle the render
+            domain.settle_render(session, render_id, found, now=utcnow())
     return domain.render_assets(session, render_id)
 
 

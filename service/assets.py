@@ -303,6 +303,41 @@ def record_asset(
     session.connection().execute(upsert, params)
 
 
+def settles(found: Sequence[AssetFacts]) -> bool:
+    """Tell whether a lookup by render id settles its render (SPEC §5).
+
+    It must list at least one asset, and none of them still `importing`.
+    """
+    return bool(found) and all(facts.status != "importing" for facts in found)
+
+
+def settle_render(
+    session: Session, render_id: str, found: Sequence[AssetFacts], *, now: datetime
+) -> bool:
+    """Settle a pending render that nobody holds, after a lookup that settles it.
+
+    For lookups made outside the worker (the API's fallback): a render leased by a worker
+    is left to that worker. An asset recorded here that the lookup did not list arrived
+    during the call, so the render stays pending for the worker's next lookup.
+    """
+    if not settles(found):
+        return False
+    listed = [facts.id for facts in found]
+    stmt = (
+        update(Render)
+        .where(
+            Render.id == render_id,
+            Render.tracking == "pending",
+            (Render.lease_until.is_(None)) | (Render.lease_until < now),
+            not_(exists().where(Asset.render_id == render_id, Asset.id.not_in(listed))),
+        )
+        .values(tracking="settled", settled_at=now, next_check_at=None, last_error=None)
+        .returning(Render.id)
+        .execution_options(synchronize_session=False)
+    )
+    return session.execute(stmt).first() is not None
+
+
 def mark_deleted(session: Session, asset_id: str, *, by: str, now: datetime) -> None:
     """Record our own successful delete at Shotstack; `deleted` is final."""
     session.execute(

@@ -30,7 +30,7 @@ from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from .assets import AssetFacts, create_render, record_asset
+from .assets import AssetFacts, create_render, record_asset, settles
 from .config import Settings
 from .db import UTCDateTime, utcnow
 from .events import Housekeeper
@@ -322,7 +322,7 @@ def write_lookup(
             )
         )
     )
-    if found and all(f.status != "importing" for f in found) and arrived <= listed:
+    if settles(found) and arrived <= listed:
         _finish(
             session,
             claim,

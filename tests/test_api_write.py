@@ -382,6 +382,19 @@ def test_fallback_stores_what_shotstack_has(
     assert standin.count() == 1  # now known here
 
 
+def test_fallback_settles_a_render_whose_assets_are_all_ready(
+    client: FlaskClient, auth: dict[str, str], connection: Connection, standin: ServeStandIn
+) -> None:
+    """A lookup by render id settles it (SPEC §5), made by the API as by the worker."""
+    standin.add_asset("a-main", RENDER)
+    standin.add_asset("a-poster", RENDER, filename=f"{RENDER}-poster.jpg", status="failed")
+    response = client.get(f"/api/renders/{RENDER}/assets", headers=auth)
+    assert sorted(a["id"] for a in response.json["data"]) == ["a-main", "a-poster"]
+    render = client.get(f"/api/renders/{RENDER}", headers=auth).json["data"]["attributes"]
+    assert (render["tracking"], render["nextCheckAt"]) == ("settled", None)
+    assert render["settledAt"] is not None
+
+
 @pytest.mark.parametrize("empty", ["list", "404"])
 def test_fallback_asks_at_most_once_in_5_seconds(
     pg_url: str,
