@@ -20,6 +20,7 @@ from .config import Settings
 from .db import get_session, insert_for, utcnow
 from .jsonapi import (
     ApiError,
+    ApiErrors,
     Conflict,
     NotFound,
     Unauthorized,
@@ -93,8 +94,7 @@ def parse_query(model: type[Q]) -> Q:
     try:
         return model.model_validate(args)
     except ValidationError as exc:
-        errors = validation_errors(exc, in_query=True)
-        raise errors[0] from None
+        raise ApiErrors(validation_errors(exc, in_query=True)) from None
 
 
 def parse_body(model: type[Q]) -> Q:
@@ -109,8 +109,7 @@ def parse_body(model: type[Q]) -> Q:
     try:
         return model.model_validate_json(request.get_data())
     except ValidationError as exc:
-        errors = validation_errors(exc, in_query=False)
-        raise errors[0] from None
+        raise ApiErrors(validation_errors(exc, in_query=False)) from None
 
 
 def _asset_or_404(asset_id: str) -> Asset:

@@ -72,6 +72,14 @@ class ApiError(Exception):
         )
 
 
+class ApiErrors(Exception):
+    """Several errors of one request (every invalid parameter), answered in one document."""
+
+    def __init__(self, errors: list[ApiError]) -> None:
+        super().__init__("; ".join(e.detail for e in errors))
+        self.errors = errors
+
+
 class Unauthorized(ApiError):
     status, code, title = 401, "unauthorized", "Unauthorized"
 
@@ -210,6 +218,10 @@ def init_app(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def _api_error(exc: ApiError) -> Response:
         return error_response(exc)
+
+    @app.errorhandler(ApiErrors)
+    def _api_errors(exc: ApiErrors) -> Response:
+        return error_response(*exc.errors)
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Response:

@@ -225,6 +225,18 @@ def test_a_bad_query_is_400_naming_the_parameter(
     _assert_error(_get(client, f"/api/assets?{query}", auth), 400, parameter=parameter)
 
 
+def test_every_bad_parameter_is_named_in_one_document(
+    client: FlaskClient, auth: dict[str, str]
+) -> None:
+    response = client.get(
+        "/api/assets?filter[status]=gone&page[size]=0&filter[colour]=red", headers=auth
+    )
+    assert response.status_code == 400
+    named = {e["source"]["parameter"] for e in response.json["errors"]}
+    assert named == {"filter[status]", "page[size]", "filter[colour]"}
+    assert {e["status"] for e in response.json["errors"]} == {"400"}
+
+
 @pytest.mark.parametrize("query", ["refresh=maybe", "expand=all"])
 def test_a_bad_query_of_one_asset_is_400(
     client: FlaskClient, auth: dict[str, str], query: str
