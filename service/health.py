@@ -34,8 +34,9 @@ def readyz() -> tuple[Response, int]:
     body: dict[str, Any] = {"database": "unreachable", "migrated": False}
     session = get_session()
     try:
+        session.execute(text("SELECT 1"))
+        body["database"] = "ok"  # reachable, whether or not it is migrated
         current = session.execute(text("SELECT version_num FROM alembic_version")).scalar()
-        body["database"] = "ok"
         body["migrated"] = current == migration_head()
         budget = session.execute(select(ShotstackBudget).limit(1)).scalar()
         body["shotstackAuthError"] = budget.auth_error if budget else None

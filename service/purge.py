@@ -21,7 +21,14 @@ from .assets import mark_deleted
 from .db import utcnow
 from .logs import request_id
 from .models import Asset
-from .shotstack import ServeClient, ShotstackRateLimited, ShotstackUnavailable
+from .shotstack import (
+    ServeClient,
+    ShotstackAuthError,
+    ShotstackError,
+    ShotstackNotConfigured,
+    ShotstackRateLimited,
+    ShotstackUnavailable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +115,9 @@ def purge(
         with request_id(f"purge-{asset_id}"[:128]):
             try:
                 _delete_one(client, asset_id, sleep)
-            except ShotstackUnavailable as exc:
+            except (ShotstackAuthError, ShotstackNotConfigured):
+                raise  # it would fail for every asset
+            except ShotstackError as exc:  # 5xx, timeout, or an answer such as 400/409
                 report.failed[asset_id] = str(exc)
                 log.warning("asset %s not purged: %s", asset_id, exc)
             else:

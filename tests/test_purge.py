@@ -201,3 +201,19 @@ def test_purge_killed_at_a_random_point_and_run_again_finishes_the_job(
     twice = {asset_id for asset_id, n in deletes.items() if n > 1}
     assert twice == {in_flight_id}, f"killed at DELETE #{kill_at}"
     assert deletes[in_flight_id] == 2
+
+
+def test_an_unexpected_answer_for_one_asset_is_reported_and_the_purge_goes_on(
+    seeded: dict[str, set[str]], live_url: str, live_engine: Engine, standin: ServeStandIn
+) -> None:
+    # Shotstack refuses one delete with a 4xx that is neither a key problem nor a 429.
+    standin.fail_next(1, 409, body={"message": "Conflict"})
+    result = CliRunner().invoke(
+        main, ["purge", "--older-than", "7", "--yes"], env=_env(live_url, standin)
+    )
+    assert result.exit_code == 1, result.output
+    assert f"deleted {ELIGIBLE - 1} asset(s); 1 failed" in result.output
+    after = _statuses(live_engine)
+    kept = [a for a in seeded["eligible"] if after[a][0] != "deleted"]
+    assert len(kept) == 1
+    assert set(_deletes(standin)) == seeded["eligible"]

@@ -44,3 +44,13 @@ def test_sqlite_quick_start(tmp_path: Path) -> None:
     assert render["attributes"]["status"] == "done"
     assert render["relationships"]["assets"]["data"] == [{"type": "assets", "id": "a-9"}]
     app.extensions["db"].engine.dispose()
+
+
+def test_readyz_tells_a_database_not_migrated_from_one_not_reachable(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'empty.sqlite3'}"
+    app = create_app(app_settings(url))
+    answer = app.test_client().get("/readyz")
+    assert answer.status_code == 503
+    assert answer.json["database"] == "ok"
+    assert answer.json["migrated"] is False
+    app.extensions["db"].engine.dispose()
