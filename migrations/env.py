@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import sys
+
 from alembic import context
 from sqlalchemy.engine import Connection
 
 from service import models  # noqa: F401  (registers the tables on Base.metadata)
-from service.config import load_settings
+from service.config import ConfigError, Settings, load_settings
 from service.db import Base, make_engine
 
 target_metadata = Base.metadata
+
+
+def _settings() -> Settings:
+    """The settings; bad configuration stops `release` with one line, as it stops `web`."""
+    try:
+        return load_settings()
+    except ConfigError as exc:
+        sys.stderr.write(f"asset-tracker: {exc}\n")
+        raise SystemExit(2) from None
 
 
 def run_with(connection: Connection) -> None:
@@ -28,14 +39,14 @@ def run_migrations_online() -> None:
     if connection is not None:
         run_with(connection)
         return
-    engine = make_engine(load_settings().database_url)
+    engine = make_engine(_settings().database_url)
     with engine.connect() as connection:
         run_with(connection)
     engine.dispose()
 
 
 if context.is_offline_mode():
-    context.configure(url=load_settings().database_url, target_metadata=target_metadata)
+    context.configure(url=_settings().database_url, target_metadata=target_metadata)
     with context.begin_transaction():
         context.run_migrations()
 else:

@@ -315,20 +315,22 @@ def test_config_follows_the_platform_conventions(
         ("API_KEYS", "tokenwithoutname", "API_KEYS"),
     ],
 )
-@pytest.mark.parametrize("command", ["gunicorn", "worker"])
+@pytest.mark.parametrize("command", ["gunicorn", "worker", "release"])
 def test_bad_configuration_stops_the_start_with_one_line(
     tmp_path: Path, command: str, variable: str, value: str, named: str
 ) -> None:
     bin_dir = Path(sys.executable).parent
-    argv = (
-        [str(bin_dir / "gunicorn"), "-c", str(PROJECT_ROOT / "gunicorn.conf.py"),
-         "-b", f"127.0.0.1:{_free_port()}", "service:create_app()"]
-        if command == "gunicorn"
-        else [str(bin_dir / "asset-tracker"), "worker", "--once"]
-    )
+    argv = {
+        "gunicorn": [str(bin_dir / "gunicorn"), "-c", str(PROJECT_ROOT / "gunicorn.conf.py"),
+                     "-b", f"127.0.0.1:{_free_port()}", "service:create_app()"],
+        "worker": [str(bin_dir / "asset-tracker"), "worker", "--once"],
+        # The Procfile's release runs in the project, where alembic finds its configuration.
+        "release": [str(bin_dir / "alembic"), "upgrade", "head"],
+    }[command]
+    cwd = PROJECT_ROOT if command == "release" else tmp_path
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SHOTSTACK_", "API_KEYS"))}
     env[variable] = value
-    done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True,
+    done = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=30)
     assert done.returncode != 0
     lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
