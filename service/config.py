@@ -8,6 +8,8 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 INSTANCE_DIR = PROJECT_ROOT / "instance"
@@ -57,9 +59,15 @@ class Settings(BaseSettings):
     def _database_url(cls, value: str) -> str:
         for prefix in ("postgres://", "postgresql://"):
             if value.startswith(prefix):
-                return "postgresql+psycopg://" + value[len(prefix) :]
-        if "://" not in value:
-            raise ValueError("must be an SQLAlchemy URL such as postgresql://user@host/db")
+                value = "postgresql+psycopg://" + value[len(prefix) :]
+                break
+        try:  # a bad port or an unknown database is one line now, not a traceback later
+            make_url(value).get_dialect()
+        except (ArgumentError, NoSuchModuleError, ValueError):
+            # The message never repeats the URL: it may hold a password.
+            raise ValueError(
+                "must be an SQLAlchemy URL such as postgresql://user@host:5432/db"
+            ) from None
         return value
 
     @field_validator("shotstack_api_url")

@@ -351,3 +351,17 @@ def test_metrics_text_is_prometheus_exposition(client: FlaskClient) -> None:
     assert response.status_code == 200
     assert response.content_type.startswith("text/plain; version=")
     assert "# TYPE asset_tracker_callbacks_total counter" in response.get_data(as_text=True)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["postgresql://u:pw-SECRET-888@127.0.0.1:notaport/db", "nosuchdb://u:pw-SECRET-888@h/db"],
+)
+def test_a_database_url_that_cannot_work_is_one_line_without_its_password(url: str) -> None:
+    from service.config import ConfigError
+
+    with pytest.raises(ConfigError) as refused:
+        load_settings(_env_file=None, database_url=url)
+    message = str(refused.value)
+    assert message.startswith("invalid configuration: DATABASE_URL")
+    assert "\n" not in message and "pw-SECRET-888" not in message
