@@ -5,6 +5,7 @@ The same models validate what comes in, shape what goes out and generate the Ope
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -40,6 +41,16 @@ def _comma_list(value: Any) -> Any:
 
 
 Timestamp = Annotated[datetime, AfterValidator(_as_utc)]
+
+# An offset's `+` written plainly in a URL (`...T00:00:00+01:00`) reaches us as a space.
+_SPACED_OFFSET = re.compile(r"(\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?) (\d{2}(?::?\d{2})?)$")
+
+
+def _plus_back(value: Any) -> Any:
+    return _SPACED_OFFSET.sub(r"\1+\2", value) if isinstance(value, str) else value
+
+
+QueryTimestamp = Annotated[Timestamp, BeforeValidator(_plus_back)]
 
 
 # --- Callbacks from Shotstack (SPEC §3) -----------------------------------------------------
@@ -209,8 +220,8 @@ class ListAssetsQuery(BaseModel):
         list[AssetKind] | None, BeforeValidator(_comma_list), Field(alias="filter[kind]")
     ] = None
     render_id: Annotated[ShotstackId | None, Field(alias="filter[renderId]")] = None
-    seen_after: Annotated[Timestamp | None, Field(alias="filter[seenAfter]")] = None
-    seen_before: Annotated[Timestamp | None, Field(alias="filter[seenBefore]")] = None
+    seen_after: Annotated[QueryTimestamp | None, Field(alias="filter[seenAfter]")] = None
+    seen_before: Annotated[QueryTimestamp | None, Field(alias="filter[seenBefore]")] = None
     page_size: Annotated[int, Field(alias="page[size]", ge=1, le=MAX_PAGE_SIZE)] = 50
     page_after: Annotated[str | None, Field(alias="page[after]", min_length=1)] = None
 

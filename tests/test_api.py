@@ -120,6 +120,7 @@ def test_no_valid_bearer_key_is_401_with_www_authenticate(
     response = client.open(path, method=method, headers=headers, json={})
     error = _assert_error(response, 401)
     assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    assert response.headers["WWW-Authenticate"] == "Bearer"  # as SPEC §4 writes it
     assert "Bearer" in error["detail"]
     assert API_TOKEN not in response.get_data(as_text=True)
 
@@ -280,6 +281,9 @@ def test_filters_over_http(
     assert listed("filter[seenAfter]=2024-03-01T13:00:00%2B01:00&filter[kind]=video") == [
         a for a in every if number(a) % 5 == 0 and number(a) > 0
     ]
+    # A `+` left unescaped in the URL arrives as a space: still the same offset.
+    assert listed(f"filter[seenAfter]={after}") == every[:10]
+    assert listed("filter[seenBefore]=2024-03-01T13:00:03.5+01:00") == every[-4:]
 
 
 def test_links_next_walks_every_page_keeping_the_filters(
