@@ -19,6 +19,7 @@ from . import shotstack
 from .config import Settings
 from .db import get_session, insert_for, utcnow
 from .jsonapi import (
+    MEDIA_TYPE,
     ApiError,
     ApiErrors,
     Conflict,
@@ -68,7 +69,7 @@ def authenticate() -> None:
     if name is None:
         raise Unauthorized(
             "send Authorization: Bearer <token> with a key of API_KEYS",
-            headers={"WWW-Authenticate": 'Bearer realm="asset-tracker"'},
+            headers={"WWW-Authenticate": "Bearer"},
         )
     g.api_key_name = name
 
@@ -182,7 +183,7 @@ def delete_asset(asset_id: str) -> Response:
         _ask_shotstack(lambda client: client.delete_asset(asset_id))
         with session.begin():
             domain.mark_deleted(session, asset_id, by=g.api_key_name, now=utcnow())
-    return Response(status=204)
+    return Response(status=204, mimetype=MEDIA_TYPE)
 
 
 def _ask_shotstack(call: Callable[[shotstack.ServeClient], T]) -> T:

@@ -129,6 +129,7 @@ def test_delete_marks_deleted_by_the_caller(
         standin.add_asset(ASSET, RENDER, status=status)
     response = client.delete(f"/api/assets/{ASSET}", headers=auth)
     assert response.status_code == 204 and response.data == b""
+    assert response.mimetype == "application/vnd.api+json"  # never text/html
     assert standin.count("DELETE", f"/serve/stage/assets/{ASSET}") == 1
     asset = row(connection)
     assert (asset.status, asset.deleted_by) == ("deleted", "ci")
