@@ -64,6 +64,15 @@ def _on_our_cdn(url: str | None, env: str) -> bool:
     return parts.hostname == CDN_HOST and len(segments) >= 4 and segments[1] == env
 
 
+def _cdn_region(url: str | None) -> str | None:
+    """The region a CDN URL names (`https://cdn.shotstack.io/au/...` is `au`), else None."""
+    if url is None:
+        return None
+    parts = urlsplit(url)
+    region = parts.path.strip("/").split("/")[0]
+    return (region or None) if parts.hostname == CDN_HOST else None
+
+
 # One regex search per string: a Python loop over each character is slow on a 64 KiB body.
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
@@ -157,6 +166,7 @@ def apply_callback(
         render_id=callback.render,
         status=callback.status,
         owner=callback.owner,
+        region=_cdn_region(callback.url),
         filename=callback.filename,
         url=callback.url,
         updated=callback.updated or callback.completed,

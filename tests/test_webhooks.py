@@ -68,6 +68,7 @@ def test_serve_callback_is_stored_and_applied(client: FlaskClient, connection: C
     assert asset.filename == "r-1.mp4"
     assert asset.kind == "video"
     assert asset.owner == "5ca6hu7s9k"
+    assert asset.region == "au"  # from the CDN URL, /{region}/{env}/{owner}/{file}
     assert asset.created == asset.updated == datetime.fromisoformat("2021-07-12T11:04:44.574Z")
     (event,) = _events(connection)
     assert (event.state, event.http_status, event.event_type, event.object_id) == (
