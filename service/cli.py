@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import secrets
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TextIO
 
 import click
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
@@ -194,9 +194,28 @@ def purge(days: int, dry_run: bool, yes: bool) -> None:
                 abort=True,
             )
         with click.progressbar(length=total, label="Deleting", file=sys.stderr) as bar:
-            report = purge_assets(sessions, client, before=before, on_asset=lambda _: bar.update(1))
+            report = purge_assets(
+                sessions, client, before=before, on_asset=_progress(bar, total, sys.stderr)
+            )
     click.echo(f"deleted {len(report.deleted)} asset(s); {len(report.failed)} failed")
     if report.failed:
         for asset_id, reason in sorted(report.failed.items()):
             click.echo(f"  {asset_id}: {reason}", err=True)
         raise click.ClickException("some assets were not deleted; run the purge again later")
+
+
+def _progress(bar: Any, total: int, stream: TextIO) -> Callable[[str], None]:
+    """Advance the bar; off a terminal, where click draws no bar, print `n/total` each 10 %."""
+    tty = stream.isatty()
+    done, shown = 0, -1
+
+    def step(_asset_id: str) -> None:
+        nonlocal done, shown
+        done += 1
+        bar.update(1)
+        tenth = done * 10 // max(total, 1)
+        if not tty and tenth != shown:
+            shown = tenth
+            click.echo(f"Deleting: {done}/{total}", file=stream)
+
+    return step

@@ -217,3 +217,15 @@ def test_an_unexpected_answer_for_one_asset_is_reported_and_the_purge_goes_on(
     kept = [a for a in seeded["eligible"] if after[a][0] != "deleted"]
     assert len(kept) == 1
     assert set(_deletes(standin)) == seeded["eligible"]
+
+
+def test_progress_shows_off_a_terminal_too(
+    seeded: dict[str, set[str]], live_url: str, standin: ServeStandIn
+) -> None:
+    result = CliRunner().invoke(
+        main, ["purge", "--older-than", "7", "--yes"], env=_env(live_url, standin)
+    )
+    assert result.exit_code == 0, result.output
+    shown = [line for line in result.stderr.splitlines() if line.startswith("Deleting: ")]
+    assert shown[-1] == f"Deleting: {ELIGIBLE}/{ELIGIBLE}"
+    assert 2 <= len(shown) <= 11
