@@ -260,11 +260,12 @@ def process_stored(
 
 
 def _token_ok(settings: Settings) -> bool:
-    given = request.args.get("token") or request.headers.get("X-Webhook-Token") or ""
-    given_bytes = given.encode()
+    """True if the query's `token` or the X-Webhook-Token header is a configured token."""
+    given = [request.args.get("token", ""), request.headers.get("X-Webhook-Token", "")]
     ok = False
-    for token in settings.webhook_token:  # compare with all, in constant time each
-        ok |= hmac.compare_digest(given_bytes, token.get_secret_value().encode())
+    for candidate in (value.encode() for value in given if value):
+        for token in settings.webhook_token:  # compare with all, in constant time each
+            ok |= hmac.compare_digest(candidate, token.get_secret_value().encode())
     return ok
 
 

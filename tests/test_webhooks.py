@@ -166,8 +166,10 @@ def test_a_missing_or_wrong_token_is_401_and_stores_nothing(
         ("", {"X-Webhook-Token": WEBHOOK_TOKEN}),
         ("?token=rotated-token-xyz", {}),
         ("", {"X-Webhook-Token": "rotated-token-xyz"}),
+        ("?token=revoked", {"X-Webhook-Token": WEBHOOK_TOKEN}),  # either place may carry it
+        (f"?token={WEBHOOK_TOKEN}", {"X-Webhook-Token": "revoked"}),
     ],
-    ids=["query", "header", "rotated-query", "rotated-header"],
+    ids=["query", "header", "rotated-query", "rotated-header", "header-of-two", "query-of-two"],
 )
 def test_each_configured_token_is_accepted_in_query_or_header(
     client: FlaskClient, connection: Connection, query: str, headers: dict[str, str]
