@@ -63,7 +63,7 @@ def authenticate() -> None:
     name = None
     if scheme.lower() == "bearer" and token:
         given = token.strip().encode()
-        for key_name, secret in settings.api_keys.items():
+        for key_name, secret in settings.api_keys:
             if hmac.compare_digest(given, secret.get_secret_value().encode()):
                 name = key_name
     if name is None:

@@ -42,7 +42,8 @@ class Settings(BaseSettings):
     shotstack_rate_limit: float = Field(5.0, gt=0)
     shotstack_timeout: Annotated[tuple[float, float], NoDecode] = (3.05, 10.0)
     webhook_token: Annotated[tuple[SecretStr, ...], NoDecode] = ()
-    api_keys: Annotated[dict[str, SecretStr], NoDecode] = Field(default_factory=dict)
+    # (name, token) pairs: one name may hold several tokens, so that a key can be rotated.
+    api_keys: Annotated[tuple[tuple[str, SecretStr], ...], NoDecode] = ()
     reconcile_grace: float = Field(60.0, ge=0)
     reconcile_max_interval: float = Field(900.0, gt=0)
     reconcile_max_age: float = Field(86400.0, gt=0)
@@ -110,14 +111,16 @@ class Settings(BaseSettings):
     @classmethod
     def _api_keys(cls, value: Any) -> Any:
         if isinstance(value, dict):
+            return tuple(value.items())
+        if not isinstance(value, str):
             return value
-        keys: dict[str, str] = {}
+        keys: list[tuple[str, str]] = []
         for entry in _csv(value):
             name, sep, token = entry.partition(":")
             if not sep or not name.strip() or not token.strip():
                 raise ValueError("each entry must be name:token (an entry has no name or token)")
-            keys[name.strip()] = token.strip()
-        return keys
+            keys.append((name.strip(), token.strip()))
+        return tuple(keys)
 
     @property
     def serve_url(self) -> str:
@@ -126,7 +129,7 @@ class Settings(BaseSettings):
     def secrets(self) -> list[str]:
         """Every configured secret, so that log filters and tests can look for them."""
         values = [t.get_secret_value() for t in self.webhook_token]
-        values += [k.get_secret_value() for k in self.api_keys.values()]
+        values += [token.get_secret_value() for _name, token in self.api_keys]
         if self.shotstack_api_key:
             values.append(self.shotstack_api_key.get_secret_value())
         return [v for v in values if v]

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import flask
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
@@ -567,3 +568,15 @@ def test_a_page_far_down_the_cursor_is_served(
     deep = _get(client, f"/api/assets?page[size]=3&page[after]={cursor}", auth)
     assert _ids(first) == ["a-00299"]
     assert _ids(deep) == ["a-00006", "a-00005", "a-00004"]
+
+
+def test_a_name_with_two_tokens_lets_both_in_under_that_name(pg_url: str) -> None:
+    """API_KEYS `app:old,app:new` rotates app's key: both are let in, both recorded as `app`."""
+    app = create_app(app_settings(pg_url, api_keys="app:old-token-1,app:new-token-2,x:t-3"))
+    try:
+        for token in ("old-token-1", "new-token-2"):
+            with app.test_request_context(headers={"Authorization": f"Bearer {token}"}):
+                api_module.authenticate()
+                assert flask.g.api_key_name == "app"
+    finally:
+        app.extensions["db"].engine.dispose()

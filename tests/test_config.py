@@ -22,3 +22,11 @@ def test_an_unknown_log_level_is_still_refused_in_one_line() -> None:
     with pytest.raises(ConfigError) as refused:
         load_settings(_env_file=None, log_level="loud")
     assert "LOG_LEVEL" in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_every_api_key_pair_is_kept_even_under_one_name() -> None:
+    """`app:old,app:new` is a key being rotated: both tokens let the caller in, as `app`."""
+    settings = load_settings(_env_file=None, api_keys="app:old-token, app:new-token,ops:x:y")
+    pairs = [(name, token.get_secret_value()) for name, token in settings.api_keys]
+    assert pairs == [("app", "old-token"), ("app", "new-token"), ("ops", "x:y")]
+    assert {"old-token", "new-token", "x:y"} <= set(settings.secrets())
