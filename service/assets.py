@@ -248,7 +248,9 @@ def _asset_upsert(dialect: str, *, lookup: bool, with_render: bool) -> Insert:
     changes: dict[str, Any] = {
         name: fill(name) for name in ("owner", "region", "filename", "url", "created")
     }
-    changes["kind"] = case((old.filename.is_(None), new.kind), else_=old.kind)
+    # The kind follows the filename that is kept: a lookup's own, else a callback's first.
+    keeps_new = new.filename.is_not(None) if lookup else old.filename.is_(None)
+    changes["kind"] = case((keeps_new, new.kind), else_=old.kind)
     changes["status"] = case((wins, new.status), else_=old.status)
     changes["updated"] = case((wins, new.updated), else_=old.updated)
     changes["status_source"] = case((wins, new.status_source), else_=old.status_source)

@@ -203,6 +203,15 @@ def test_a_lookup_fills_over_a_callback_and_a_callback_only_fills_gaps(session: 
     assert (asset.owner, asset.url.endswith("?fresh"), asset.kind) == ("o", True, "video")
 
 
+def test_the_kind_follows_the_filename_a_lookup_brings(session: Session) -> None:
+    asset = _record(session, "a-1", "ready", filename="r-1-thumb.png", url="https://x/r-1.mp4")
+    assert (asset.filename, asset.kind) == ("r-1-thumb.png", "thumbnail")
+    asset = _record(session, "a-1", "ready", source=Source.LOOKUP, updated=T0, filename="r-1.mp4")
+    assert (asset.filename, asset.kind) == ("r-1.mp4", "video")
+    asset = _record(session, "a-1", "ready", source=Source.LOOKUP, updated=T0)  # no filename
+    assert (asset.filename, asset.kind) == ("r-1.mp4", "video")
+
+
 def test_a_callback_timestamp_is_created_until_a_lookup_says(session: Session) -> None:
     asset = _record(session, "a-1", "ready", updated=T0)
     assert (asset.created, asset.updated) == (T0, T0)
