@@ -273,8 +273,13 @@ def _reschedule(
     policy: Policy,
     rng: random.Random,
     error: str | None,
+    due_by: datetime | None = None,
 ) -> str:
-    """Count an attempt that did not settle: back off, or expire a render past its age."""
+    """Count an attempt that did not settle: back off, or expire a render past its age.
+
+    `due_by` caps the backoff: a callback that came during the lookup makes the render due
+    after RECONCILE_GRACE, however long its backoff has grown (SPEC §5).
+    """
     attempts = held.attempts + 1
     # The age runs from the newest thing learned about the render, so that a new asset
     # re-opening an old render gets a full RECONCILE_MAX_AGE of lookups.
@@ -288,7 +293,8 @@ def _reschedule(
         _finish(session, claim, owner=owner, tracking="expired", next_check_at=None, **common)
         return "expired"
     delay = timedelta(seconds=policy.backoff(attempts, rng))
-    _finish(session, claim, owner=owner, next_check_at=min(now + delay, deadline), **common)
+    due = min(now + delay, deadline, *([due_by] if due_by is not None else []))
+    _finish(session, claim, owner=owner, next_check_at=due, **common)
     return "pending"
 
 
@@ -344,8 +350,18 @@ def write_lookup(
         _finish(session, claim, owner=owner, last_lookup_at=now)
         return str(now_row.tracking)
     held = _Held("pending", now_row.attempts, held.first_seen_at)
+    # An asset this lookup did not list came by a callback during it: due after the grace.
+    due_by = now + timedelta(seconds=policy.grace) if arrived - listed else None
     return _reschedule(
-        session, claim, held, owner=owner, now=now, policy=policy, rng=rng, error=None
+        session,
+        claim,
+        held,
+        owner=owner,
+        now=now,
+        policy=policy,
+        rng=rng,
+        error=None,
+        due_by=due_by,
     )
 
 

@@ -622,3 +622,27 @@ def test_a_database_outage_is_logged_and_waited_out(
     finally:
         client.close()
         down.dispose()
+
+
+def test_a_callback_during_a_lookup_makes_the_render_due_after_the_grace_not_the_backoff(
+    sessions: Sessions,
+) -> None:
+    policy = Policy(grace=0.1, max_interval=100.0, max_age=1e6, lease=5, batch=50, idle=1)
+    track(sessions, "r-busy")
+    with sessions.begin() as session:  # many lookups already: its backoff has grown long
+        session.execute(update(Render).where(Render.id == "r-busy").values(attempts=9))
+    with sessions.begin() as session:
+        claim = claim_one(session, "r-busy", owner="w", now=utcnow(), lease=5)
+        assert claim is not None
+    # While the lookup is under way, a serve callback brings an asset it will not list.
+    with sessions.begin() as session:
+        facts = AssetFacts(id="a-late", render_id="r-busy", status="ready")
+        record_asset(session, facts, source=Source.CALLBACK, now=utcnow(), grace=policy.grace)
+    with sessions.begin() as session:
+        outcome = write_lookup(
+            session, claim, [], owner="w", now=utcnow(), policy=policy, rng=random.Random(1)
+        )
+    assert outcome == "pending"
+    row = render(sessions, "r-busy")
+    assert row.next_check_at is not None and row.last_lookup_at is not None
+    assert (row.next_check_at - row.last_lookup_at).total_seconds() <= policy.grace + 0.01
