@@ -74,6 +74,30 @@ def authenticate() -> None:
     g.api_key_name = name
 
 
+JSONAPI_PARAMS = frozenset({"ext", "profile"})  # the only media type parameters JSON:API allows
+
+
+def _media_params(media: str) -> tuple[str, set[str]]:
+    """Split `type/sub; a=1; q=0.5` into the type and its parameter names (q aside)."""
+    kind, *params = (part.strip() for part in media.split(";"))
+    names = {p.partition("=")[0].strip().lower() for p in params if p}
+    return kind.lower(), names - {"q"}
+
+
+@bp.before_request
+def negotiate() -> None:
+    """JSON:API 1.1 content negotiation: 406 when every JSON:API type in Accept is modified."""
+    accepted = [_media_params(m) for m in request.headers.get("Accept", "").split(",") if m]
+    ours = [names for kind, names in accepted if kind == MEDIA_TYPE]
+    if ours and all(names - JSONAPI_PARAMS for names in ours):
+        raise ApiError(
+            f"accept {MEDIA_TYPE} without media type parameters other than ext or profile",
+            status=406,
+            code="not_acceptable",
+            title="Not acceptable",
+        )
+
+
 @bp.url_value_preprocessor
 def refuse_impossible_ids(_endpoint: str | None, values: dict[str, Any] | None) -> None:
     """Answer 404 for an id with a NUL: none exists, and Postgres text cannot hold one."""
@@ -100,7 +124,8 @@ def parse_query(model: type[Q]) -> Q:
 
 def parse_body(model: type[Q]) -> Q:
     """Validate a JSON:API request document; 415 for another media type."""
-    if request.mimetype not in ACCEPTED_BODY_TYPES:
+    modified = request.mimetype == MEDIA_TYPE and set(request.mimetype_params) - JSONAPI_PARAMS
+    if request.mimetype not in ACCEPTED_BODY_TYPES or modified:
         raise ApiError(
             f"send the document as {ACCEPTED_BODY_TYPES[0]}",
             status=415,

@@ -39,9 +39,10 @@ ERRORS = {
     400: "The request is malformed; `source` names the parameter or JSON pointer.",
     401: "No valid credentials.",
     404: "Not known here.",
+    406: "Accept names `application/vnd.api+json` only with parameters other than ext/profile.",
     409: "Not possible in the resource's current state.",
     413: "The body is larger than 64 KiB; nothing is stored.",
-    415: "The body is not `application/vnd.api+json` or `application/json`.",
+    415: "The body is not `application/vnd.api+json` (ext/profile only) or `application/json`.",
     422: "A known callback without a required field; it is stored as rejected.",
     502: "Shotstack failed (5xx, timeout, or a key or environment problem); nothing changed.",
     503: "The database is unavailable, or Shotstack is rate-limiting us; see `Retry-After`.",
@@ -53,7 +54,7 @@ RETRY_AFTER = {
     }
 }
 BEARER_CHALLENGE = {
-    "WWW-Authenticate": {"description": "`Bearer realm=...`", "schema": {"type": "string"}}
+    "WWW-Authenticate": {"description": "`Bearer`", "schema": {"type": "string"}}
 }
 # Words for people reading /docs; the schemas of the parameters come from the query models.
 PARAMETER_HELP = {
@@ -239,7 +240,7 @@ class _Builder:
                     "List assets, newest first, a page at a time",
                     {
                         "200": self.ok(AssetListDocument, "A page of assets."),
-                        **self.errors(400, 401, 503),
+                        **self.errors(400, 401, 406, 503),
                     },
                     tag="assets",
                     parameters=query_parameters(ListAssetsQuery),
@@ -251,7 +252,7 @@ class _Builder:
                     "Read one asset (with `refresh=true`, from Shotstack first)",
                     {
                         "200": self.ok(AssetDocument, "The asset."),
-                        **self.errors(400, 401, 404, 502, 503),
+                        **self.errors(400, 401, 404, 406, 502, 503),
                     },
                     tag="assets",
                     parameters=[asset_id, *query_parameters(AssetQuery)],
@@ -261,7 +262,7 @@ class _Builder:
                     "Delete an asset at Shotstack; the record stays, `deleted`",
                     {
                         "204": {"description": "Deleted (now or before)."},
-                        **self.errors(400, 401, 404, 409, 502, 503),
+                        **self.errors(400, 401, 404, 406, 409, 502, 503),
                     },
                     tag="assets",
                     parameters=[asset_id],
@@ -282,7 +283,7 @@ class _Builder:
                                 }
                             },
                         },
-                        **self.errors(400, 401, 415, 503),
+                        **self.errors(400, 401, 406, 415, 503),
                     },
                     tag="renders",
                     body={
@@ -297,7 +298,7 @@ class _Builder:
                     "Read one render and the ids of its assets",
                     {
                         "200": self.ok(RenderDocument, "The render."),
-                        **self.errors(400, 401, 404, 503),
+                        **self.errors(400, 401, 404, 406, 503),
                     },
                     tag="renders",
                     parameters=[render_id],
@@ -309,7 +310,7 @@ class _Builder:
                     "List a render's assets; asks Shotstack when none are known here",
                     {
                         "200": self.ok(RenderAssetsDocument, "The render's assets."),
-                        **self.errors(400, 401, 404, 502, 503),
+                        **self.errors(400, 401, 404, 406, 502, 503),
                     },
                     tag="renders",
                     parameters=[render_id],

@@ -411,6 +411,46 @@ def test_a_render_document_of_another_media_type_is_415(
     _assert_error(response, 415)
 
 
+@pytest.mark.parametrize(
+    "content_type", [f"{MEDIA_TYPE}; charset=utf-8", f"{MEDIA_TYPE}; version=1"]
+)
+def test_a_json_api_media_type_with_other_parameters_is_415(
+    client: FlaskClient, auth: dict[str, str], content_type: str
+) -> None:
+    """JSON:API 1.1: only `ext` and `profile` may modify its media type in Content-Type."""
+    body = b'{"data": {"type": "renders", "id": "r-1"}}'
+    response = client.post("/api/renders", data=body, content_type=content_type, headers=auth)
+    _assert_error(response, 415)
+    ok = client.post(
+        "/api/renders", data=body, content_type=f'{MEDIA_TYPE}; profile="https://x/p"',
+        headers=auth,
+    )
+    assert ok.status_code == 201
+
+
+@pytest.mark.parametrize(
+    ("accept", "status"),
+    [
+        (f"{MEDIA_TYPE}; charset=utf-8", 406),
+        (f"{MEDIA_TYPE}; version=1, {MEDIA_TYPE}; charset=x", 406),
+        (f"{MEDIA_TYPE}; version=1, {MEDIA_TYPE}", 200),
+        (f'{MEDIA_TYPE}; ext="https://x/e"', 200),
+        (f"{MEDIA_TYPE}; q=0.9", 200),
+        (f"application/json, {MEDIA_TYPE}; charset=utf-8", 406),
+        ("application/json", 200),
+        ("*/*", 200),
+    ],
+)
+def test_accept_follows_json_api_content_negotiation(
+    client: FlaskClient, auth: dict[str, str], accept: str, status: int
+) -> None:
+    response = client.get("/api/assets", headers={**auth, "Accept": accept})
+    assert response.status_code == status
+    assert response.mimetype == MEDIA_TYPE
+    if status == 406:
+        _assert_error(response, 406)
+
+
 def test_application_json_is_accepted_too(client: FlaskClient, auth: dict[str, str]) -> None:
     body = b'{"data": {"type": "renders", "id": "r-1"}}'
     response = client.post(
