@@ -350,8 +350,19 @@ def write_lookup(
         _finish(session, claim, owner=owner, last_lookup_at=now)
         return str(now_row.tracking)
     held = _Held("pending", now_row.attempts, held.first_seen_at)
-    # An asset this lookup did not list came by a callback during it: due after the grace.
-    due_by = now + timedelta(seconds=policy.grace) if arrived - listed else None
+    # A callback during the lookup (a `done` edit, any serve, or an asset it did not list)
+    # makes the render due after the grace, as it would have between two lookups.
+    came = session.scalar(
+        select(WebhookEvent.id)
+        .where(
+            WebhookEvent.received_at >= claim.claimed_at,
+            WebhookEvent.render_id == claim.render_id,
+            WebhookEvent.state == "processed",
+            or_(WebhookEvent.event_type == "serve", WebhookEvent.object_status == "done"),
+        )
+        .limit(1)
+    )
+    due_by = now + timedelta(seconds=policy.grace) if arrived - listed or came else None
     return _reschedule(
         session,
         claim,

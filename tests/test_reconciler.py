@@ -646,3 +646,25 @@ def test_a_callback_during_a_lookup_makes_the_render_due_after_the_grace_not_the
     row = render(sessions, "r-busy")
     assert row.next_check_at is not None and row.last_lookup_at is not None
     assert (row.next_check_at - row.last_lookup_at).total_seconds() <= policy.grace + 0.01
+
+
+def test_a_done_callback_during_a_lookup_makes_the_render_due_after_the_grace(
+    sessions: Sessions, live_app: Flask
+) -> None:
+    policy = Policy(grace=0.1, max_interval=100.0, max_age=1e6, lease=5, batch=50, idle=1)
+    track(sessions, "r-done-late")
+    with sessions.begin() as session:  # tracked long before it finished: a long backoff
+        session.execute(update(Render).where(Render.id == "r-done-late").values(attempts=9))
+    with sessions.begin() as session:
+        claim = claim_one(session, "r-done-late", owner="w", now=utcnow(), lease=5)
+        assert claim is not None
+    # While the lookup is under way (its assets not hosted yet), the render ends.
+    assert post_callback(live_app.test_client(), edit_callback("r-done-late")).status_code == 200
+    with sessions.begin() as session:
+        outcome = write_lookup(
+            session, claim, [], owner="w", now=utcnow(), policy=policy, rng=random.Random(1)
+        )
+    assert outcome == "pending"
+    row = render(sessions, "r-done-late")
+    assert row.next_check_at is not None and row.last_lookup_at is not None
+    assert (row.next_check_at - row.last_lookup_at).total_seconds() <= policy.grace + 0.01
