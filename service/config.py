@@ -83,9 +83,17 @@ class Settings(BaseSettings):
     @field_validator("shotstack_api_url")
     @classmethod
     def _api_url(cls, value: str) -> str:
+        message = "must be an http(s) URL such as https://api.shotstack.io"
+        value = value.strip()
         parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ValueError("must be an http(s) URL such as https://api.shotstack.io")
+        try:
+            _ = parts.port  # a port that is not a number raises here, not on the first call
+        except ValueError:
+            raise ValueError(message) from None
+        # A base URL: a host without blanks, and nothing after the path for /serve/... to follow.
+        malformed = any(c.isspace() for c in value) or parts.query or parts.fragment
+        if parts.scheme not in ("http", "https") or not parts.hostname or malformed:
+            raise ValueError(message)
         return value.rstrip("/")
 
     @field_validator("shotstack_timeout", mode="before")
