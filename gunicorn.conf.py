@@ -31,8 +31,20 @@ worker_class = "gthread"
 # WEB_CONCURRENCY is the platform's convention for the number of processes. The default of
 # two per core (at least 2) keeps one crash or GC pause from stalling everything; each has
 # `threads` threads, well within the database pool of each process (5 + 10 overflow).
-workers = int(os.environ.get("WEB_CONCURRENCY") or max(2, 2 * (os.cpu_count() or 1)))
-threads = int(os.environ.get("GUNICORN_THREADS", "8"))
+def _count(name: str, default: int) -> int:
+    """A positive whole number from the environment; anything else stops the start in one line."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    value = int(raw) if raw.isdigit() else 0
+    if value < 1:  # 0 would start a master with no worker: up, and answering no one
+        sys.stderr.write(f"asset-tracker: {name}: must be a whole number of at least 1\n")
+        sys.exit(2)
+    return value
+
+
+workers = _count("WEB_CONCURRENCY", max(2, 2 * (os.cpu_count() or 1)))
+threads = _count("GUNICORN_THREADS", 8)
 bind = f"0.0.0.0:{os.environ.get('PORT', '8000')}"
 # Longer than the 8 s deadline of a Shotstack call plus a database timeout, so a slow but
 # healthy request is never killed; a stuck one is.

@@ -337,3 +337,25 @@ def test_bad_configuration_stops_the_start_with_one_line(
     assert len(lines) == 1, lines
     assert named in lines[0]
     assert "Traceback" not in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"), [("WEB_CONCURRENCY", "0"), ("GUNICORN_THREADS", "x")]
+)
+def test_a_process_or_thread_count_that_cannot_work_stops_gunicorn_with_one_line(
+    tmp_path: Path, variable: str, value: str
+) -> None:
+    argv = [
+        str(Path(sys.executable).parent / "gunicorn"),
+        "-c",
+        str(PROJECT_ROOT / "gunicorn.conf.py"),
+        "-b",
+        f"127.0.0.1:{_free_port()}",
+        "service:create_app()",
+    ]
+    env = {**os.environ, variable: value}
+    done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode != 0
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    assert variable in lines[0]
