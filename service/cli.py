@@ -97,8 +97,23 @@ def _shotstack(settings: Settings) -> Iterator[tuple[sessionmaker[Session], Serv
         engine.dispose()
 
 
+def _shotstack_id(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
+    """An id as the API takes one: 1 to 255 characters, no control character, no blanks."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from .schemas import ShotstackId
+
+    try:
+        checked: str = TypeAdapter(ShotstackId).validate_python(value)
+    except ValidationError:
+        raise click.BadParameter(
+            "must be 1 to 255 characters, none of them a control character"
+        ) from None
+    return checked
+
+
 @main.command("sync-render")
-@click.argument("render_id")
+@click.argument("render_id", callback=_shotstack_id)
 def sync_render_command(render_id: str) -> None:
     """Look a render up at Shotstack now, write what it says and print the outcome."""
     from .reconciler import sync_render
@@ -118,7 +133,7 @@ def sync_render_command(render_id: str) -> None:
 
 
 @main.command("sync-asset")
-@click.argument("asset_id")
+@click.argument("asset_id", callback=_shotstack_id)
 def sync_asset_command(asset_id: str) -> None:
     """Read an asset from Shotstack now, write it and print its status."""
     from .reconciler import sync_asset

@@ -668,3 +668,11 @@ def test_a_done_callback_during_a_lookup_makes_the_render_due_after_the_grace(
     row = render(sessions, "r-done-late")
     assert row.next_check_at is not None and row.last_lookup_at is not None
     assert (row.next_check_at - row.last_lookup_at).total_seconds() <= policy.grace + 0.01
+
+
+@pytest.mark.parametrize("command", ["sync-render", "sync-asset"])
+@pytest.mark.parametrize("ident", ["", "   ", "r-1\nx"])
+def test_sync_commands_refuse_an_id_no_render_or_asset_can_have(command: str, ident: str) -> None:
+    result = CliRunner().invoke(cli, [command, ident], env={"DATABASE_URL": "sqlite://"})
+    assert result.exit_code == 2, result.output
+    assert "Invalid value" in result.output
