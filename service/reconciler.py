@@ -40,6 +40,7 @@ from .models import Asset, Render, Source, WebhookEvent
 from .shotstack import (
     ShotstackAuthError,
     ShotstackError,
+    ShotstackHeld,
     ShotstackNotConfigured,
     ShotstackRateLimited,
 )
@@ -62,8 +63,11 @@ class Lookups(Protocol):
 
     def get_asset(self, asset_id: str) -> AssetFacts | None: ...
 
-    def bounded(self, total: float) -> Lookups:
-        """A client whose calls, the wait for a budget slot included, end within `total` s."""
+    def bounded(self, total: float, hold: Callable[[], bool] | None = None) -> Lookups:
+        """A client whose calls, the wait for a budget slot included, end within `total` s.
+
+        `hold`, asked once a slot is taken: True means the call is not sent (ShotstackHeld).
+        """
         ...
 
 
@@ -561,6 +565,10 @@ class Reconciler:
         """Return the seconds left before this worker claims again (after a 429 or a 401)."""
         return max(0.0, self._paused_until - time.monotonic())
 
+    def _held(self) -> bool:
+        """True when a call whose slot has come should not be sent: stopping, or paused."""
+        return self.stopping.is_set() or self.paused_for() > 0
+
     # -- one render ------------------------------------------------------------------------
 
     def process(self, claim: Claim, deadline: float) -> str | None:
@@ -575,7 +583,12 @@ class Reconciler:
         try:
             # Bounded so that the answer is written while the lease holds: a call that could
             # not be kept would be repeated by the next owner.
-            found = self.client.bounded(left).assets_by_render(render_id)
+            found = self.client.bounded(left, self._held).assets_by_render(render_id)
+        except ShotstackHeld:
+            # Its slot came after a SIGTERM or a 401: hand it back, as if never started.
+            with self._txn() as session:
+                release(session, owner=self.owner, render_ids=[render_id])
+            return None
         except ShotstackRateLimited as exc:
             self.stats.add("rate_limited")
             self._pause(exc.retry_after)
@@ -686,7 +699,11 @@ class Reconciler:
             return False
         try:
             bound = self.policy.lease * (1 - LEASE_MARGIN)
-            facts = self.client.bounded(bound).get_asset(claim.asset_id)
+            facts = self.client.bounded(bound, self._held).get_asset(claim.asset_id)
+        except ShotstackHeld:
+            with self._txn() as session:
+                retry_event_later(session, claim, at=utcnow(), error=None, count_attempt=False)
+            return False
         except ShotstackRateLimited as exc:
             self.stats.add("rate_limited")
             self._pause(exc.retry_after)

@@ -13,7 +13,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import quote
@@ -68,6 +68,10 @@ class ShotstackAuthError(ShotstackError):
 
 class ShotstackNotConfigured(ShotstackError):
     """SHOTSTACK_API_KEY is not set, so no call is made."""
+
+
+class ShotstackHeld(ShotstackError):
+    """The call was not sent: its caller's `hold` said so once the slot came (stop, pause)."""
 
 
 # --- The shared budget -----------------------------------------------------------------------
@@ -375,6 +379,7 @@ class ServeClient:
         key = settings.shotstack_api_key
         self._key = key.get_secret_value() if key else None
         self._until: float | None = None
+        self._hold: Callable[[], bool] | None = None
         self.session = requests.Session()
         # Our own loop retries, so that every attempt takes a slot from the budget.
         # `pool_size`: connections kept for reuse; the worker passes its number of threads.
@@ -385,13 +390,18 @@ class ServeClient:
         if self._key:
             self.session.headers["x-api-key"] = self._key
 
-    def bounded(self, total: float = WEB_DEADLINE) -> ServeClient:
+    def bounded(
+        self, total: float = WEB_DEADLINE, hold: Callable[[], bool] | None = None
+    ) -> ServeClient:
         """Return a client sharing this one's session whose calls together end within `total`.
 
         It keeps this client's retries: the web app's client (made with a deadline) has one.
+        `hold` is asked after each wait for a budget slot: True raises ShotstackHeld instead
+        of sending (the worker stopping, or paused by a 401 that another thread met meanwhile).
         """
         clone = copy.copy(self)
         clone.deadline = total
+        clone._hold = hold
         clone._until = time.monotonic() + total
         return clone
 
@@ -453,6 +463,8 @@ class ServeClient:
             if left is not None and left <= 0:
                 raise ShotstackUnavailable(f"{what}: no answer within the deadline")
             self.budget.acquire(max_wait=left)
+            if self._hold is not None and self._hold():
+                raise ShotstackHeld(f"{what}: not sent; the worker stops or is paused")
             failure = timed_attempt(method, path, lambda: self._attempt(method, path, what, until))
             if isinstance(failure, requests.Response):
                 return failure if failure.status_code != 404 else None

@@ -676,3 +676,24 @@ def test_sync_commands_refuse_an_id_no_render_or_asset_can_have(command: str, id
     result = CliRunner().invoke(cli, [command, ident], env={"DATABASE_URL": "sqlite://"})
     assert result.exit_code == 2, result.output
     assert "Invalid value" in result.output
+
+
+def test_a_stop_sends_no_call_whose_slot_comes_after_it(
+    make: Make, sessions: Sessions, standin: ServeStandIn, budget: RateBudget
+) -> None:
+    renders = [f"r-stop-{n}" for n in range(4)]
+    for n, render_id in enumerate(renders):
+        standin.add_asset(f"a-stop-{n}", render_id)
+    track(sessions, *renders)
+    # Slots 0.5 s apart: when the first call arrives, the other threads still wait for theirs.
+    budget.interval = 0.5
+    reconciler = make()
+    reconciler.threads = 4
+    standin.on_call = lambda _method, _path: reconciler.stop()  # SIGTERM, as the call arrives
+    reconciler.run()
+
+    assert standin.count() == 1  # the render in hand; no call started after the stop
+    rows = [render(sessions, r) for r in renders]
+    assert sorted(r.tracking for r in rows) == ["pending"] * 3 + ["settled"]
+    assert all(r.lease_owner is None for r in rows)  # the others handed back
+    assert sum(r.attempts for r in rows) == 1
