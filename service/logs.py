@@ -96,32 +96,6 @@ class Redactor:
 redact = Redactor()
 
 
-class RedactFilter(logging.Filter):
-    """Redact secrets from a record's message, arguments, extras and traceback.
-
-    Defence in depth: code should never log a secret, and this makes sure none gets out if
-    it does (a URL with its query string, an exception quoting a header).
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        try:
-            message = record.getMessage()
-        except (TypeError, ValueError):
-            message = str(record.msg)
-        record.msg, record.args = redact(message), None
-        if record.exc_info and not record.exc_text:
-            record.exc_text = logging.Formatter().formatException(record.exc_info)
-        if record.exc_text:
-            record.exc_text = redact(record.exc_text)
-            record.exc_info = None  # the redacted text stands in for the traceback
-        if record.stack_info:
-            record.stack_info = redact(record.stack_info)
-        for name, value in list(record.__dict__.items()):
-            if name not in _STANDARD_ATTRS and isinstance(value, str):
-                setattr(record, name, redact(value))
-        return True
-
-
 class RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if getattr(record, "request_id", None) is None:
@@ -167,9 +141,10 @@ def make_formatter(log_format: str) -> logging.Formatter:
 
 def _prepare(handler: logging.Handler, log_format: str) -> None:
     handler.setFormatter(make_formatter(log_format))
-    for kind in (RequestIdFilter, RedactFilter):
-        if not any(isinstance(f, kind) for f in handler.filters):
-            handler.addFilter(kind())
+    # The formatters redact the whole line they write (message, extras, traceback), so no
+    # filter redacts it a second time.
+    if not any(isinstance(f, RequestIdFilter) for f in handler.filters):
+        handler.addFilter(RequestIdFilter())
 
 
 def configure(settings: Settings) -> None:
