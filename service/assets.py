@@ -197,6 +197,40 @@ def _render_params(
     }
 
 
+# A write of this module: a statement built once and the parameters of one execution. The
+# session functions below execute them; the webhook sends a callback's writes pipelined.
+Write = tuple[Insert, dict[str, Any]]
+
+
+def render_write(
+    dialect: str,
+    render_id: str,
+    *,
+    now: datetime,
+    grace: float,
+    edit_status: str | None = None,
+    new_asset_id: str | None = None,
+) -> Write:
+    """The write of track_render, for a session on `dialect`."""
+    stmt = _render_upsert(
+        dialect,
+        settles=edit_status == "failed",
+        edit=edit_status is not None,
+        reopens=new_asset_id is not None,
+    )
+    params = _render_params(render_id, now=now, grace=grace, edit_status=edit_status)
+    params["asset_id"] = new_asset_id
+    return stmt, params
+
+
+def execute_writes(session: Session, writes: Sequence[Write]) -> None:
+    """Execute writes in order on the session's connection."""
+    # Core, not the ORM's execute: these statements load no objects (and cost less so).
+    connection = session.connection()
+    for stmt, params in writes:
+        connection.execute(stmt, params)
+
+
 def track_render(
     session: Session,
     render_id: str,
@@ -212,16 +246,15 @@ def track_render(
     `new_asset_id` names an asset being recorded: if it is not known yet, a settled or expired
     render is re-opened, since a lookup has not seen that asset.
     """
-    stmt = _render_upsert(
+    write = render_write(
         _dialect(session),
-        settles=edit_status == "failed",
-        edit=edit_status is not None,
-        reopens=new_asset_id is not None,
+        render_id,
+        now=now,
+        grace=grace,
+        edit_status=edit_status,
+        new_asset_id=new_asset_id,
     )
-    params = _render_params(render_id, now=now, grace=grace, edit_status=edit_status)
-    params["asset_id"] = new_asset_id
-    # Core, not the ORM's execute: these statements load no objects (and cost less so).
-    session.connection().execute(stmt, params)
+    execute_writes(session, [write])
 
 
 @functools.cache
@@ -267,22 +300,19 @@ def _asset_upsert(dialect: str, *, lookup: bool, with_render: bool) -> Insert:
     return upsert
 
 
-def record_asset(
-    session: Session, facts: AssetFacts, *, source: Source, now: datetime, grace: float
-) -> None:
-    """Insert or update an asset so that its status only moves as SPEC §3 orders it.
-
-    Also tracks its render, re-opening it when the asset is new. A lookup fills what it knows
-    over what callbacks said; a callback only fills what is still empty.
-    """
+def asset_writes(
+    dialect: str, facts: AssetFacts, *, source: Source, now: datetime, grace: float
+) -> list[Write]:
+    """The writes of record_asset, for a session on `dialect`."""
     if source is Source.CALLBACK and facts.status not in CALLBACK_STATUSES:
         raise ValueError(f"a callback cannot set status {facts.status!r}")
-    dialect = _dialect(session)
     # SQLite has no data-modifying CTE: there the render goes first, in its own statement.
     with_render = dialect == "postgresql"
-    if not with_render:
-        track_render(session, facts.render_id, now=now, grace=grace, new_asset_id=facts.id)
-
+    writes = (
+        []
+        if with_render
+        else [render_write(dialect, facts.render_id, now=now, grace=grace, new_asset_id=facts.id)]
+    )
     filename = facts.filename or filename_from_url(facts.url)
     lookup = source is Source.LOOKUP
     params = _render_params(facts.render_id, now=now, grace=grace, edit_status=None)
@@ -301,8 +331,20 @@ def record_asset(
         a_last_synced_at=now if lookup else None,
         a_deleted_at=now if facts.status == "deleted" else None,
     )
-    upsert = _asset_upsert(dialect, lookup=lookup, with_render=with_render)
-    session.connection().execute(upsert, params)
+    writes.append((_asset_upsert(dialect, lookup=lookup, with_render=with_render), params))
+    return writes
+
+
+def record_asset(
+    session: Session, facts: AssetFacts, *, source: Source, now: datetime, grace: float
+) -> None:
+    """Insert or update an asset so that its status only moves as SPEC §3 orders it.
+
+    Also tracks its render, re-opening it when the asset is new. A lookup fills what it knows
+    over what callbacks said; a callback only fills what is still empty.
+    """
+    writes = asset_writes(_dialect(session), facts, source=source, now=now, grace=grace)
+    execute_writes(session, writes)
 
 
 def settles(found: Sequence[AssetFacts]) -> bool:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any, ClassVar, TypeVar
 
@@ -14,9 +17,11 @@ from psycopg.rows import TupleRow
 from sqlalchemy import JSON, DateTime, MetaData, create_engine, event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.engine import Dialect, Engine
-from sqlalchemy.exc import DisconnectionError
+from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
+from sqlalchemy.engine import Connection, Dialect, Engine
+from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
+from sqlalchemy.sql import ClauseElement
 from sqlalchemy.types import TypeDecorator
 
 from .config import INSTANCE_DIR
@@ -104,6 +109,36 @@ class BoundedConnection(psycopg.Connection[TupleRow]):
             raise psycopg.OperationalError(
                 f"the database did not answer within {self.answer_timeout:g} s"
             ) from None
+
+
+# --- Statements sent by psycopg itself, for the few paths that pipeline them -----------------
+
+_PSYCOPG = PGDialect_psycopg()  # type: ignore[no-untyped-call]
+
+
+@functools.cache
+def driver_sql(stmt: ClauseElement) -> str:
+    """A statement built once (and cached by its builder) as psycopg receives it."""
+    return str(stmt.compile(dialect=_PSYCOPG))
+
+
+@contextmanager
+def driver_errors(connection: Connection) -> Iterator[psycopg.Connection[TupleRow]]:
+    """Yield the psycopg connection under `connection`; raise its errors as SQLAlchemy would.
+
+    A connection that broke is invalidated, so the pool drops it and the request answers 503.
+    """
+    driver = connection.connection.driver_connection
+    assert isinstance(driver, psycopg.Connection)
+    try:
+        yield driver
+    except psycopg.Error as exc:
+        broken = driver.broken or driver.closed or isinstance(exc, psycopg.OperationalError)
+        if broken:
+            connection.invalidate(exc)
+        raise DBAPIError.instance(
+            None, None, exc, psycopg.Error, connection_invalidated=broken
+        ) from exc
 
 
 def _bound_postgres_waits(engine: Engine) -> None:

@@ -53,9 +53,7 @@ RETRY_AFTER = {
         "schema": {"type": "string"},
     }
 }
-BEARER_CHALLENGE = {
-    "WWW-Authenticate": {"description": "`Bearer`", "schema": {"type": "string"}}
-}
+BEARER_CHALLENGE = {"WWW-Authenticate": {"description": "`Bearer`", "schema": {"type": "string"}}}
 # Words for people reading /docs; the schemas of the parameters come from the query models.
 PARAMETER_HELP = {
     "filter[status]": "Comma-separated statuses.",

@@ -13,16 +13,25 @@ from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
+import psycopg
 from flask import Blueprint, Flask, Response, current_app, request
+from psycopg.types.json import Jsonb
 from pydantic import ValidationError
-from sqlalchemy import bindparam, literal_column, update
+from sqlalchemy import bindparam, literal_column, null, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from .assets import CALLBACK_STATUSES, AssetFacts, record_asset, track_render
+from .assets import (
+    CALLBACK_STATUSES,
+    AssetFacts,
+    Write,
+    asset_writes,
+    execute_writes,
+    render_write,
+)
 from .config import Settings
-from .db import get_session, utcnow
+from .db import driver_errors, driver_sql, get_session, utcnow
 from .jsonapi import ApiError, Unauthorized, error_response
 from .metrics import count_callback
 from .models import Source, WebhookEvent
@@ -154,13 +163,14 @@ def _columns(payload: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def apply_callback(
-    session: Session, callback: EditCallback | ServeCallback, *, now: datetime, grace: float
-) -> None:
-    """Apply a stored, known callback to renders and assets."""
+def callback_writes(
+    dialect: str, callback: EditCallback | ServeCallback, *, now: datetime, grace: float
+) -> list[Write]:
+    """The writes that apply a stored, known callback to renders and assets."""
     if isinstance(callback, EditCallback):
-        track_render(session, callback.id, now=now, grace=grace, edit_status=callback.status)
-        return
+        return [
+            render_write(dialect, callback.id, now=now, grace=grace, edit_status=callback.status)
+        ]
     facts = AssetFacts(
         id=callback.id,
         render_id=callback.render,
@@ -171,7 +181,15 @@ def apply_callback(
         url=callback.url,
         updated=callback.updated or callback.completed,
     )
-    record_asset(session, facts, source=Source.CALLBACK, now=now, grace=grace)
+    return asset_writes(dialect, facts, source=Source.CALLBACK, now=now, grace=grace)
+
+
+def apply_callback(
+    session: Session, callback: EditCallback | ServeCallback, *, now: datetime, grace: float
+) -> None:
+    """Apply a stored, known callback to renders and assets."""
+    dialect = session.get_bind().dialect.name
+    execute_writes(session, callback_writes(dialect, callback, now=now, grace=grace))
 
 
 _EVENT_COLUMNS = (
@@ -207,8 +225,7 @@ def _event_insert(dialect: str) -> Any:
     )
 
 
-def store_event(session: Session, found: Classified, *, now: datetime) -> int | None:
-    """Insert the event unless its dedupe key is stored; return its id, or None if it was."""
+def _event_params(found: Classified, *, now: datetime) -> dict[str, Any]:
     params: dict[str, Any] = dict.fromkeys(_EVENT_COLUMNS[-5:])
     params.update(
         found.columns,
@@ -222,10 +239,40 @@ def store_event(session: Session, found: Classified, *, now: datetime) -> int | 
         next_attempt_at=now if found.state == "unconfirmed" else None,
         processed_at=now if found.state == "processed" else None,
     )
+    return params
+
+
+@functools.cache
+def _mark_failed() -> Any:
+    """The UPDATE that marks a stored event `failed`, due for its first retry."""
+    return (
+        update(WebhookEvent)
+        .where(WebhookEvent.id == bindparam("event_id"))
+        .values(
+            # Constants in the SQL, not bound: every parameter here is named, also for psycopg.
+            state=literal_column("'failed'"),
+            error=bindparam("error"),
+            processed_at=null(),
+            next_attempt_at=bindparam("retry_at"),
+        )
+    )
+
+
+def _failure(event_id: int, exc: Exception, *, now: datetime) -> dict[str, Any]:
+    """Log a processing failure; return the parameters of _mark_failed."""
+    log.error("callback %s could not be applied; it will be retried", event_id, exc_info=exc)
+    return {
+        "event_id": event_id,
+        "error": f"{type(exc).__name__}: {exc}"[:2000],
+        "retry_at": now + RETRY_FIRST_DELAY,
+    }
+
+
+def store_event(session: Session, found: Classified, *, now: datetime) -> int | None:
+    """Insert the event unless its dedupe key is stored; return its id, or None if it was."""
     connection = session.connection()
-    event_id: int | None = connection.execute(
-        _event_insert(connection.dialect.name), params
-    ).scalar()
+    statement = _event_insert(connection.dialect.name)
+    event_id: int | None = connection.execute(statement, _event_params(found, now=now)).scalar()
     return event_id
 
 
@@ -244,19 +291,66 @@ def process_stored(
     except Exception as exc:
         if isinstance(exc, DBAPIError) and exc.connection_invalidated:
             raise  # the database went away: the event cannot be marked either; 503 (SPEC §3)
-        log.exception("callback %s could not be applied; it will be retried", event_id)
-        session.execute(
-            update(WebhookEvent)
-            .where(WebhookEvent.id == event_id)
-            .values(
-                state="failed",
-                error=f"{type(exc).__name__}: {exc}"[:2000],
-                processed_at=None,
-                next_attempt_at=now + RETRY_FIRST_DELAY,
-            )
-        )
+        session.execute(_mark_failed(), _failure(event_id, exc, now=now))
         return False
     return True
+
+
+def _store(session: Session, found: Classified, *, now: datetime, grace: float) -> str:
+    """Store and apply a callback through the session (SQLite); return the outcome."""
+    event_id = store_event(session, found, now=now)
+    if event_id is None:
+        return "duplicate"
+    if found.state != "processed" or found.callback is None:
+        return found.state
+    applied = process_stored(session, event_id, found.callback, now=now, grace=grace)
+    return "processed" if applied else "failed"
+
+
+def _store_pipelined(session: Session, found: Classified, *, now: datetime, grace: float) -> str:
+    """Store and apply a callback as _store does, in three round trips to Postgres.
+
+    psycopg's pipeline mode sends BEGIN, the event's INSERT and SAVEPOINT together, then the
+    callback's writes together; the caller's COMMIT is the third. The statements are those of
+    the session path, built once; only the way they travel differs. COMMIT releases the
+    savepoint, so no RELEASE is sent.
+    """
+    params = _event_params(found, now=now)
+    if found.payload is not None:
+        params["payload"] = Jsonb(found.payload)
+    writes: list[Write] = []
+    failure: Exception | None = None
+    if found.state == "processed" and found.callback is not None:
+        try:
+            writes = callback_writes("postgresql", found.callback, now=now, grace=grace)
+        except Exception as exc:
+            failure = exc
+    with driver_errors(session.connection()) as driver:
+        cursor = driver.cursor()
+        with driver.pipeline():
+            cursor.execute(driver_sql(_event_insert("postgresql")), params)
+            if writes:
+                driver.execute("SAVEPOINT apply")
+        row = cursor.fetchone()
+        if row is None:
+            return "duplicate"
+        event_id: int = row[0]
+        if writes:
+            try:
+                with driver.pipeline():
+                    for stmt, write_params in writes:
+                        cursor.execute(driver_sql(stmt), write_params)
+            except Exception as exc:
+                if driver.broken or driver.closed or isinstance(exc, psycopg.OperationalError):
+                    raise  # the event cannot be marked either: 503, and Shotstack retries (§3)
+                failure = exc
+        if failure is None:
+            return "processed" if writes else found.state
+        with driver.pipeline():
+            if writes:
+                driver.execute("ROLLBACK TO SAVEPOINT apply")
+            cursor.execute(driver_sql(_mark_failed()), _failure(event_id, failure, now=now))
+        return "failed"
 
 
 def _token_ok(settings: Settings) -> bool:
@@ -292,16 +386,9 @@ def receive() -> Response:
     found = classify(body, settings)
     now = utcnow()
     session = get_session()
-    outcome = found.state
+    store = _store_pipelined if session.get_bind().dialect.driver == "psycopg" else _store
     with session.begin():
-        event_id = store_event(session, found, now=now)
-        if event_id is None:
-            outcome = "duplicate"
-        elif found.state == "processed" and found.callback is not None:
-            applied = process_stored(
-                session, event_id, found.callback, now=now, grace=settings.reconcile_grace
-            )
-            outcome = "processed" if applied else "failed"
+        outcome = store(session, found, now=now, grace=settings.reconcile_grace)
     log.info(
         "callback stored",
         extra={

@@ -422,7 +422,9 @@ def test_a_json_api_media_type_with_other_parameters_is_415(
     response = client.post("/api/renders", data=body, content_type=content_type, headers=auth)
     _assert_error(response, 415)
     ok = client.post(
-        "/api/renders", data=body, content_type=f'{MEDIA_TYPE}; profile="https://x/p"',
+        "/api/renders",
+        data=body,
+        content_type=f'{MEDIA_TYPE}; profile="https://x/p"',
         headers=auth,
     )
     assert ok.status_code == 201

@@ -42,7 +42,7 @@ def sessions(app: Flask) -> sessionmaker[Session]:
 def _fail_callbacks(client: FlaskClient, monkeypatch: pytest.MonkeyPatch, *bodies: Any) -> None:
     """Deliver callbacks whose processing fails, as a database hiccup would make it."""
     with monkeypatch.context() as patch:
-        patch.setattr("service.webhooks.apply_callback", _boom)
+        patch.setattr("service.webhooks.callback_writes", _boom)
         for body in bodies:
             response = post_callback(client, body)
             assert response.status_code == 200

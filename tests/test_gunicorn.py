@@ -321,8 +321,14 @@ def test_bad_configuration_stops_the_start_with_one_line(
 ) -> None:
     bin_dir = Path(sys.executable).parent
     argv = {
-        "gunicorn": [str(bin_dir / "gunicorn"), "-c", str(PROJECT_ROOT / "gunicorn.conf.py"),
-                     "-b", f"127.0.0.1:{_free_port()}", "service:create_app()"],
+        "gunicorn": [
+            str(bin_dir / "gunicorn"),
+            "-c",
+            str(PROJECT_ROOT / "gunicorn.conf.py"),
+            "-b",
+            f"127.0.0.1:{_free_port()}",
+            "service:create_app()",
+        ],
         "worker": [str(bin_dir / "asset-tracker"), "worker", "--once"],
         # The Procfile's release runs in the project, where alembic finds its configuration.
         "release": [str(bin_dir / "alembic"), "upgrade", "head"],
@@ -330,8 +336,7 @@ def test_bad_configuration_stops_the_start_with_one_line(
     cwd = PROJECT_ROOT if command == "release" else tmp_path
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SHOTSTACK_", "API_KEYS"))}
     env[variable] = value
-    done = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=30)
+    done = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=30)
     assert done.returncode != 0
     lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
     assert len(lines) == 1, lines

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-from sqlalchemy import Connection, Engine, func, select
+from sqlalchemy import Connection, Engine, func, select, text
 from sqlalchemy.orm import sessionmaker
 from werkzeug.test import TestResponse
 
@@ -24,6 +24,8 @@ from service.models import Asset, Render, WebhookEvent
 from .conftest import WEBHOOK_TOKEN, app_settings
 from .helpers import edit_callback, post_callback, serve_callback
 from .tcp_proxy import TcpProxy
+
+_real_callback_writes = webhooks.callback_writes
 
 URL = "/webhooks/shotstack"
 # SPEC §3: a database that is down or hangs answers 503 within 5 s. This is the contract's
@@ -453,22 +455,37 @@ def test_a_new_asset_reopens_a_settled_render(client: FlaskClient, connection: C
 # --- The savepoint -------------------------------------------------------------------------
 
 
+@pytest.fixture(params=["pipelined", "session"])
+def write_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test on both ways a callback reaches Postgres: psycopg's pipeline, and the
+    session's statement-by-statement path (the one SQLite takes)."""
+    if request.param == "session":
+        monkeypatch.setattr(webhooks, "_store_pipelined", webhooks._store)
+    return str(request.param)
+
+
+def _writes_then(monkeypatch: pytest.MonkeyPatch, *extra: Any) -> None:
+    """Make a callback's writes the real ones followed by `extra` statements."""
+    real_writes = webhooks.callback_writes
+
+    def writes(*args: Any, **kwargs: Any) -> list[Any]:
+        return [*real_writes(*args, **kwargs), *((stmt, {}) for stmt in extra)]
+
+    monkeypatch.setattr(webhooks, "callback_writes", writes)
+
+
 def test_a_processing_failure_rolls_back_only_the_savepoint(
-    client: FlaskClient, connection: Connection, monkeypatch: pytest.MonkeyPatch
+    client: FlaskClient, connection: Connection, monkeypatch: pytest.MonkeyPatch, write_path: str
 ) -> None:
-    real_apply = webhooks.apply_callback
-
-    def half_then_fail(*args: Any, **kwargs: Any) -> None:
-        real_apply(*args, **kwargs)  # writes the render and the asset ...
-        raise RuntimeError("boom after writing")  # ... then fails
-
-    monkeypatch.setattr(webhooks, "apply_callback", half_then_fail)
+    """The render and the asset are written, then a statement the database refuses (a check
+    constraint): the savepoint goes, the event stays, marked `failed`."""
+    _writes_then(monkeypatch, text("UPDATE assets SET status = 'bogus'"))
     response = post_callback(client, serve_callback("a-1", "r-1"))
     assert response.status_code == 200
     assert response.json == {"outcome": "failed"}
     (event,) = _events(connection)
     assert event.state == "failed"
-    assert event.error == "RuntimeError: boom after writing"
+    assert "IntegrityError" in event.error or "CheckViolation" in event.error
     assert event.processed_at is None
     assert event.next_attempt_at > event.received_at
     assert event.payload == serve_callback("a-1", "r-1")
@@ -476,27 +493,25 @@ def test_a_processing_failure_rolls_back_only_the_savepoint(
     assert _count(connection, Render) == 0
 
     # A redelivery is a duplicate: the worker, not Shotstack, retries a failed event.
-    monkeypatch.undo()
+    monkeypatch.setattr(webhooks, "callback_writes", _real_callback_writes)
     assert post_callback(client, serve_callback("a-1", "r-1")).json == {"outcome": "duplicate"}
+    # The transaction went on after the failure: the next callback lands in full.
+    assert post_callback(client, serve_callback("a-2", "r-1")).json == {"outcome": "processed"}
+    assert _asset(connection, "a-2").status == "ready"
 
 
-def test_a_database_error_while_processing_rolls_back_only_the_savepoint(
-    client: FlaskClient, connection: Connection, monkeypatch: pytest.MonkeyPatch
+def test_a_failure_before_any_write_marks_the_event_failed(
+    client: FlaskClient, connection: Connection, monkeypatch: pytest.MonkeyPatch, write_path: str
 ) -> None:
-    """A statement that the database refuses (a check constraint) is a processing failure."""
-    real_apply = webhooks.apply_callback
+    def boom(*_args: Any, **_kwargs: Any) -> list[Any]:
+        raise RuntimeError("boom before writing")
 
-    def bad_status(session: Any, callback: Any, **kwargs: Any) -> None:
-        real_apply(session, callback, **kwargs)
-        session.execute(Asset.__table__.update().values(status="bogus"))
-
-    monkeypatch.setattr(webhooks, "apply_callback", bad_status)
-    response = post_callback(client, serve_callback("a-1", "r-1"))
+    monkeypatch.setattr(webhooks, "callback_writes", boom)
+    response = post_callback(client, edit_callback("r-1", status="failed"))
     assert response.json == {"outcome": "failed"}
     (event,) = _events(connection)
-    assert event.state == "failed"
-    assert "IntegrityError" in event.error or "CheckViolation" in event.error
-    assert _count(connection, Asset) == 0
+    assert (event.state, event.error) == ("failed", "RuntimeError: boom before writing")
+    assert _count(connection, Render) == 0
 
 
 # --- Real commits: concurrency -------------------------------------------------------------
@@ -617,14 +632,15 @@ def _assert_unavailable(response: TestResponse, elapsed: float) -> None:
 
 
 def _during_apply(monkeypatch: pytest.MonkeyPatch, fault: Callable[[], None]) -> None:
-    real_apply = webhooks.apply_callback
+    """Bring the fault on once the event is inserted (not committed), before its writes."""
+    real_writes = webhooks.callback_writes
 
-    def fail_midway(*args: Any, **kwargs: Any) -> None:
-        real_apply(*args, **kwargs)  # the render and asset are written, not committed
+    def fail_midway(*args: Any, **kwargs: Any) -> list[Any]:
+        writes = real_writes(*args, **kwargs)
         fault()
-        real_apply(*args, **kwargs)  # the next statement meets the fault
+        return writes  # the next statements meet the fault
 
-    monkeypatch.setattr(webhooks, "apply_callback", fail_midway)
+    monkeypatch.setattr(webhooks, "callback_writes", fail_midway)
 
 
 @pytest.mark.parametrize("fault", ["cut", "hang"])
@@ -634,6 +650,7 @@ def test_a_database_lost_mid_request_is_503_and_leaves_nothing_half_written(
     proxy: TcpProxy,
     monkeypatch: pytest.MonkeyPatch,
     fault: str,
+    write_path: str,
 ) -> None:
     client = outage_app.test_client()
     body = _json(serve_callback("a-1", "r-1"))
