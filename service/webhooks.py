@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -87,9 +88,12 @@ _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
 
 def _storable(value: Any) -> bool:
-    """True unless a string in the document is one Postgres cannot store (NUL, lone surrogate)."""
+    """True unless the document holds what a JSON column cannot store: a NUL or a lone
+    surrogate in a string, or a number too large for a float (`1e400` reads as infinity)."""
     if isinstance(value, str):
         return _UNSTORABLE.search(value) is None
+    if isinstance(value, float):
+        return math.isfinite(value)
     if isinstance(value, dict):
         return all(_storable(k) and _storable(v) for k, v in value.items())
     if isinstance(value, list):
@@ -97,11 +101,16 @@ def _storable(value: Any) -> bool:
     return True
 
 
+def _not_json(constant: str) -> Any:
+    """Refuse NaN and Infinity: Python's json reads them, but they are not JSON (RFC 8259)."""
+    raise ValueError(f"{constant} is not JSON")
+
+
 def classify(body: bytes, settings: Settings) -> Classified:
     """Decide how a body is stored and answered (SPEC §3), without touching the database."""
     try:
-        payload = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        payload = json.loads(body, parse_constant=_not_json)
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         payload = None
     if not isinstance(payload, dict) or not _storable(payload):
         return Classified(
@@ -110,7 +119,8 @@ def classify(body: bytes, settings: Settings) -> Classified:
             _body_key(body),
             # Postgres text holds no NUL character.
             raw=body.decode("utf-8", "replace").replace("\x00", "\ufffd"),
-            error="the body is not a JSON object (or holds a NUL or a lone surrogate)",
+            error="the body is not a JSON object (or holds a NUL, a lone surrogate or a number"
+            " out of range)",
         )
     kind = (payload.get("type"), payload.get("action"))
     model: type[EditCallback] | type[ServeCallback]
@@ -211,18 +221,19 @@ _EVENT_COLUMNS = (
 
 
 @functools.cache
-def _event_insert(dialect: str) -> Any:
-    """The event's INSERT, built once: building it costs more than executing it (bench/)."""
+def _event_insert(dialect: str, *, skip_duplicate: bool = True) -> Any:
+    """The event's INSERT, built once: building it costs more than executing it (bench/).
+
+    With `skip_duplicate`, a stored dedupe key makes it insert and return nothing; without,
+    it fails with a unique violation on `uq_webhook_events_dedupe_key`.
+    """
     table: Any = WebhookEvent.__table__
     values: dict[str, Any] = {c: bindparam(c, type_=table.c[c].type) for c in _EVENT_COLUMNS}
     values["attempts"] = literal_column("0")
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    return (
-        insert(table)
-        .values(values)
-        .on_conflict_do_nothing(index_elements=["dedupe_key"])
-        .returning(table.c.id)
-    )
+    insert = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
+    if skip_duplicate:
+        insert = insert.on_conflict_do_nothing(index_elements=["dedupe_key"])
+    return insert.values(values).returning(table.c.id)
 
 
 def _event_params(found: Classified, *, now: datetime) -> dict[str, Any]:
@@ -307,13 +318,17 @@ def _store(session: Session, found: Classified, *, now: datetime, grace: float) 
     return "processed" if applied else "failed"
 
 
-def _store_pipelined(session: Session, found: Classified, *, now: datetime, grace: float) -> str:
-    """Store and apply a callback as _store does, in three round trips to Postgres.
+class DuplicateEvent(Exception):
+    """The callback's dedupe key is stored: its transaction is rolled back, nothing changes."""
 
-    psycopg's pipeline mode sends BEGIN, the event's INSERT and SAVEPOINT together, then the
-    callback's writes together; the caller's COMMIT is the third. The statements are those of
-    the session path, built once; only the way they travel differs. COMMIT releases the
-    savepoint, so no RELEASE is sent.
+
+def _store_pipelined(session: Session, found: Classified, *, now: datetime, grace: float) -> str:
+    """Store and apply a callback as _store does, in one round trip to Postgres and COMMIT.
+
+    psycopg's pipeline mode sends BEGIN, the event's INSERT, SAVEPOINT and the callback's
+    writes together; the caller commits (COMMIT releases the savepoint). So that the writes
+    need not wait for the INSERT's answer, a stored dedupe key makes the INSERT fail, and
+    Postgres skips what follows: DuplicateEvent, and the caller rolls back.
     """
     params = _event_params(found, now=now)
     if found.payload is not None:
@@ -327,29 +342,33 @@ def _store_pipelined(session: Session, found: Classified, *, now: datetime, grac
             failure = exc
     with driver_errors(session.connection()) as driver:
         cursor = driver.cursor()
-        with driver.pipeline():
-            cursor.execute(driver_sql(_event_insert("postgresql")), params)
-            if writes:
-                driver.execute("SAVEPOINT apply")
-        row = cursor.fetchone()
-        if row is None:
-            return "duplicate"
-        event_id: int = row[0]
-        if writes:
-            try:
-                with driver.pipeline():
+        try:
+            with driver.pipeline():
+                cursor.execute(
+                    driver_sql(_event_insert("postgresql", skip_duplicate=False)), params
+                )
+                if writes:
+                    driver.execute("SAVEPOINT apply")
                     for stmt, write_params in writes:
-                        cursor.execute(driver_sql(stmt), write_params)
-            except Exception as exc:
-                if driver.broken or driver.closed or isinstance(exc, psycopg.OperationalError):
-                    raise  # the event cannot be marked either: 503, and Shotstack retries (§3)
-                failure = exc
+                        driver.execute(driver_sql(stmt), write_params)
+        except psycopg.errors.UniqueViolation as exc:
+            if exc.diag.constraint_name == "uq_webhook_events_dedupe_key":
+                raise DuplicateEvent from None
+            failure = exc
+        except Exception as exc:
+            if driver.broken or driver.closed or isinstance(exc, psycopg.OperationalError):
+                raise  # the event cannot be marked either: 503, and Shotstack retries (§3)
+            failure = exc
+        row = cursor.fetchone() if cursor.pgresult is not None else None
+        if row is None:  # the event's own INSERT failed: no processing failure, nothing stored
+            assert failure is not None
+            raise failure
         if failure is None:
             return "processed" if writes else found.state
         with driver.pipeline():
             if writes:
                 driver.execute("ROLLBACK TO SAVEPOINT apply")
-            cursor.execute(driver_sql(_mark_failed()), _failure(event_id, failure, now=now))
+            cursor.execute(driver_sql(_mark_failed()), _failure(row[0], failure, now=now))
         return "failed"
 
 
@@ -387,8 +406,11 @@ def receive() -> Response:
     now = utcnow()
     session = get_session()
     store = _store_pipelined if session.get_bind().dialect.driver == "psycopg" else _store
-    with session.begin():
-        outcome = store(session, found, now=now, grace=settings.reconcile_grace)
+    try:
+        with session.begin():
+            outcome = store(session, found, now=now, grace=settings.reconcile_grace)
+    except DuplicateEvent:
+        outcome = "duplicate"
     log.info(
         "callback stored",
         extra={

@@ -221,8 +221,14 @@ def test_a_body_of_exactly_64_kib_is_read(client: FlaskClient, connection: Conne
 
 @pytest.mark.parametrize(
     "body",
-    [b"not json", b"", b"[1, 2]", b'"a string"', b"42", b"null", b"\xff\xfe{}", b'{"a": '],
-    ids=["text", "empty", "array", "string", "number", "null", "bad-utf8", "truncated"],
+    [
+        *(b"not json", b"", b"[1, 2]", b'"a string"', b"42", b"null", b"\xff\xfe{}", b'{"a": '),
+        *(b'{"type": "serve", "x": NaN}', b'{"x": [-Infinity]}', b'{"x": 1e400}'),
+    ],
+    ids=[
+        *("text", "empty", "array", "string", "number", "null", "bad-utf8", "truncated"),
+        *("nan", "infinity", "number-out-of-range"),
+    ],
 )
 def test_not_a_json_object_is_400_and_stored_as_rejected(
     client: FlaskClient, connection: Connection, body: bytes
@@ -495,6 +501,8 @@ def test_a_processing_failure_rolls_back_only_the_savepoint(
     # A redelivery is a duplicate: the worker, not Shotstack, retries a failed event.
     monkeypatch.setattr(webhooks, "callback_writes", _real_callback_writes)
     assert post_callback(client, serve_callback("a-1", "r-1")).json == {"outcome": "duplicate"}
+    assert _asset(connection, "a-1") is None  # a duplicate's writes are not applied
+    assert [e.state for e in _events(connection)] == ["failed"]
     # The transaction went on after the failure: the next callback lands in full.
     assert post_callback(client, serve_callback("a-2", "r-1")).json == {"outcome": "processed"}
     assert _asset(connection, "a-2").status == "ready"
