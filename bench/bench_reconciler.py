@@ -88,7 +88,8 @@ def main() -> int:
     budget.reset()
     interval = budget.interval  # the budget's spacing: its own ceiling is 1 / (interval * limit)
 
-    standin = LimitedStandIn(args.limit, api_key=KEY, latency=args.latency).start()
+    standin = LimitedStandIn(args.limit, api_key=KEY, latency=args.latency)
+    standin.start()
     for n in range(args.renders):
         standin.add_asset(f"asset-{n:05d}", f"render-{n:05d}")
     env = {

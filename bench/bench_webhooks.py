@@ -123,7 +123,7 @@ def gunicorn(app: str, *, workers: int, threads: int, extra_env: dict[str, str])
                     raise RuntimeError(f"{app} did not come up on port {port}")
                 time.sleep(0.1)
             # Every worker answers before the clock starts (each imports and connects lazily).
-            warm(port, count=workers * threads * 4, tag="warm")
+            warm(port, count=workers * threads * 4, tag=f"warm-{port}")
             yield port
         finally:
             process.send_signal(signal.SIGTERM)

@@ -3,9 +3,10 @@
 `FLOOR_MODE=upsert` (the floor): one raw psycopg upsert and one commit per callback, on a
 connection per thread; no validation, no ORM, no savepoint.
 
-`FLOOR_MODE=service-sql`: the service's own statements (event, SAVEPOINT, asset and render,
-RELEASE, COMMIT), compiled once and sent raw. Between it and the floor lies what the schema
-and SPEC §3 make Postgres do; between the service and it, what Flask-side code costs.
+`FLOOR_MODE=service-sql`: the service's own statements, sent as the service sends them on
+Postgres (BEGIN, the event, SAVEPOINT and the asset and render in one psycopg pipeline batch,
+then COMMIT), with none of its Python around them. Between it and the floor lies what the
+schema and SPEC §3 make Postgres do; between the service and it, what Flask-side code costs.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def _service_sql() -> tuple[str, str]:
     from service.webhooks import _event_insert
 
     compile_ = dialect()  # type: ignore[no-untyped-call]
-    event = _event_insert("postgresql").compile(dialect=compile_)
+    event = _event_insert("postgresql", skip_duplicate=False).compile(dialect=compile_)
     upsert = _asset_upsert("postgresql", lookup=False, with_render=True).compile(dialect=compile_)
     return str(event), str(upsert)
 
@@ -52,7 +53,6 @@ def _store_like_the_service(
 
     from psycopg.types.json import Jsonb
 
-    event_sql, upsert_sql = statements
     payload = json.loads(body)
     now = datetime.now(UTC)
     key = f"{payload['type']}:{payload['action']}:{payload['id']}:{payload['status']}"
@@ -72,35 +72,50 @@ def _store_like_the_service(
         "object_status": payload["status"],
         "render_id": payload["render"],
     }
-    with conn.cursor() as cur:
-        if cur.execute(event_sql, event).fetchone() is not None:
-            cur.execute("SAVEPOINT apply")
-            filename = payload["url"].rsplit("/", 1)[-1]
-            cur.execute(
-                upsert_sql,
-                {
-                    "render_id": payload["render"],
-                    "render_status": "unknown",
-                    "edit_status": None,
-                    "now": now,
-                    "due": now,
-                    "asset_id": payload["id"],
-                    "a_render_id": payload["render"],
-                    "a_owner": payload["owner"],
-                    "a_region": None,
-                    "a_filename": filename,
-                    "a_url": payload["url"],
-                    "a_status": payload["status"],
-                    "a_status_source": 0,
-                    "a_kind": "video",
-                    "a_created": now,
-                    "a_updated": now,
-                    "a_last_synced_at": None,
-                    "a_deleted_at": None,
-                },
-            )
-            cur.execute("RELEASE SAVEPOINT apply")
+    filename = payload["url"].rsplit("/", 1)[-1]
+    try:
+        _send_like_the_service(conn, statements, event, payload, now, filename)
+    except psycopg.errors.UniqueViolation:  # a stored dedupe key, as the service reads it
+        conn.rollback()
+        return
     conn.commit()
+
+
+def _send_like_the_service(
+    conn: psycopg.Connection[tuple[object, ...]],
+    statements: tuple[str, str],
+    event: dict[str, object],
+    payload: dict[str, str],
+    now: object,
+    filename: str,
+) -> None:
+    event_sql, upsert_sql = statements
+    with conn.pipeline(), conn.cursor() as cur:
+        cur.execute(event_sql, event)
+        cur.execute("SAVEPOINT apply")
+        cur.execute(
+            upsert_sql,
+            {
+                "render_id": payload["render"],
+                "render_status": "unknown",
+                "edit_status": None,
+                "now": now,
+                "due": now,
+                "asset_id": payload["id"],
+                "a_render_id": payload["render"],
+                "a_owner": payload["owner"],
+                "a_region": None,
+                "a_filename": filename,
+                "a_url": payload["url"],
+                "a_status": payload["status"],
+                "a_status_source": 0,
+                "a_kind": "video",
+                "a_created": now,
+                "a_updated": now,
+                "a_last_synced_at": None,
+                "a_deleted_at": None,
+            },
+        )
 
 
 def create_app() -> Flask:

@@ -29,10 +29,11 @@ REDACTED = "[REDACTED]"
 _VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # Secrets in shapes we know, even when they are not (or no longer) configured: callback URLs
 # carry `?token=`, API clients send bearer keys and Shotstack gets `x-api-key`.
+# Each shape, with a lowercase text that any line it matches contains.
 _SECRET_SHAPES = (
-    re.compile(r"(?i)(\btoken=)[^&\s\"'<>]+"),
-    re.compile(r"(?i)(\bbearer\s+)[A-Za-z0-9._~+/=-]+"),
-    re.compile(r"(?i)(\bx-api-key[\"']?\s*[:=]\s*[\"']?)[^\s\"',}]+"),
+    ("token=", re.compile(r"(?i)(\btoken=)[^&\s\"'<>]+")),
+    ("bearer", re.compile(r"(?i)(\bbearer\s+)[A-Za-z0-9._~+/=-]+")),
+    ("x-api-key", re.compile(r"(?i)(\bx-api-key[\"']?\s*[:=]\s*[\"']?)[^\s\"',}]+")),
 )
 _STANDARD_ATTRS = frozenset(
     logging.LogRecord("", 0, "", 0, "", None, None).__dict__.keys()
@@ -87,8 +88,12 @@ class Redactor:
         for secret in self._secrets:
             if secret in text:
                 text = text.replace(secret, REDACTED)
-        for shape in _SECRET_SHAPES:
-            text = shape.sub(rf"\g<1>{REDACTED}", text)
+        # Most lines name no secret's shape: the regexes run only where one may match. (On
+        # ASCII text, (?i) matches just what lower() equates; on other text they always run.)
+        lowered = text.lower() if text.isascii() else None
+        for hint, shape in _SECRET_SHAPES:
+            if lowered is None or hint in lowered:
+                text = shape.sub(rf"\g<1>{REDACTED}", text)
         return text
 
 

@@ -119,10 +119,14 @@ def test_every_configured_secret_is_redacted_from_every_part_of_a_record(
     # Shapes of secrets that are not (or no longer) configured.
     log.warning("GET /webhooks/shotstack?token=old-token-555&x=1")
     log.warning("sent x-api-key: other-key-666 and Bearer stale-777")
+    # In any case, and on lines that are not ASCII.
+    log.warning("GET /x?TOKEN=upper-888 with BEARER caps-999")
+    log.warning("Ünïcode ?Token=accented-101 and X-Api-Key=mixed-102")
     out = captured.getvalue()
-    for secret in (*settings.secrets(), "old-token-555", "other-key-666", "stale-777"):
+    shaped = ("old-token-555", "other-key-666", "stale-777", "upper-888", "caps-999")
+    for secret in (*settings.secrets(), *shaped, "accented-101", "mixed-102"):
         assert secret not in out
-    assert out.count(logs.REDACTED) >= 7
+    assert out.count(logs.REDACTED) >= 11
     assert "RuntimeError" in out  # the traceback is kept, without the secret
 
 
