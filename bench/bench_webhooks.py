@@ -122,8 +122,10 @@ def gunicorn(app: str, *, workers: int, threads: int, extra_env: dict[str, str])
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{app} did not come up on port {port}")
                 time.sleep(0.1)
-            # Every worker answers before the clock starts (each imports and connects lazily).
-            warm(port, count=workers * threads * 4, tag=f"warm-{port}")
+            # Every worker answers before the clock starts (each imports and connects lazily),
+            # and each connection has run each statement often enough for psycopg to prepare it
+            # (prepare_threshold, 5 runs): the figures are of a warm server.
+            warm(port, count=workers * threads * 25, tag=f"warm-{port}")
             yield port
         finally:
             process.send_signal(signal.SIGTERM)
