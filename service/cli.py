@@ -73,12 +73,17 @@ def worker(once: bool) -> None:
 
         serve_worker_metrics(settings.worker_metrics_port, database_url=settings.database_url)
     try:
-        run_worker(settings, once=once)
+        stats = run_worker(settings, once=once)
     except SQLAlchemyError as exc:  # only --once gives up; the loop waits for the database
         reason = str(exc.orig if isinstance(exc, DBAPIError) else exc).splitlines()[0]
         raise click.ClickException(
             f"database: {reason} (is it reachable, and migrated with `alembic upgrade head`?)"
         ) from None
+    if stats.auth_failing:  # only --once returns with it: the loop waits for a good key
+        raise click.ClickException(
+            "Shotstack refused the key (401/403): check SHOTSTACK_API_KEY and SHOTSTACK_ENV;"
+            " the renders stay due"
+        )
 
 
 @contextmanager

@@ -895,8 +895,11 @@ def sync_asset(
     return facts
 
 
-def run_worker(settings: Settings, *, once: bool = False) -> None:
-    """Run the reconciler process: engine, budget and client made here, after start."""
+def run_worker(settings: Settings, *, once: bool = False) -> ReconcilerStats:
+    """Run the reconciler process: engine, budget and client made here, after start.
+
+    Returns its figures, which tell `--once` whether Shotstack refused the key.
+    """
     from .db import make_engine
     from .shotstack import RateBudget, ServeClient
 
@@ -924,3 +927,4 @@ def run_worker(settings: Settings, *, once: bool = False) -> None:
     finally:
         client.close()
         engine.dispose()
+    return reconciler.stats

@@ -598,6 +598,44 @@ def test_the_same_code_path_runs_on_sqlite(standin: ServeStandIn, tmp_path: Path
         engine.dispose()
 
 
+def test_worker_once_fails_when_shotstack_refuses_the_key(
+    standin: ServeStandIn, tmp_path: Path
+) -> None:
+    """A cron's `worker --once` with a wrong key must not look like a pass that went well."""
+    url = f"sqlite:///{tmp_path / 'tracker.sqlite3'}"
+    bin_dir = Path(sys.executable).parent
+
+    def run(*args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(bin_dir / args[0]), *args[1:]],
+            env={**os.environ, **cli_env(url, standin, **extra)},
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    assert (
+        run("alembic", "-c", str(PROJECT_ROOT / "pyproject.toml"), "upgrade", "head").returncode
+        == 0
+    )
+    engine = make_engine(url)
+    sqlite_sessions = sessionmaker(engine, expire_on_commit=False)
+    try:
+        track(sqlite_sessions, "r-k1")
+        standin.add_asset("a-k1", "r-k1")
+        wrong = run("asset-tracker", "worker", "--once", SHOTSTACK_API_KEY="wrong-key-0123")
+        assert wrong.returncode == 1, wrong.stderr + wrong.stdout
+        assert "SHOTSTACK_API_KEY" in wrong.stderr and "wrong-key-0123" not in wrong.stderr
+        assert render(sqlite_sessions, "r-k1").tracking == "pending"
+
+        right = run("asset-tracker", "worker", "--once")
+        assert right.returncode == 0, right.stderr + right.stdout
+        assert render(sqlite_sessions, "r-k1").tracking == "settled"
+    finally:
+        engine.dispose()
+
+
 def test_a_database_outage_is_logged_and_waited_out(
     standin: ServeStandIn, live_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
