@@ -23,6 +23,7 @@ from sqlalchemy import (
     literal_column,
     not_,
     null,
+    or_,
     select,
     tuple_,
     update,
@@ -161,28 +162,35 @@ def _render_upsert(dialect: str, *, settles: bool, edit: bool, reopens: bool) ->
             "settled_at": func.coalesce(r.settled_at, _NOW),
             "next_check_at": null(),
         }
+        return cast(Insert, stmt.on_conflict_do_update(index_elements=[r.id], set_=changes))
+    pending = _const("pending")
+    earlier = _earlier(r.next_check_at, _DUE)
+    # The row is rewritten only when something changes: the second and later assets of a
+    # render (its poster, its thumbnail) usually leave it as it is, and cost no new version.
+    brought_forward = and_(
+        r.tracking == pending, or_(r.next_check_at.is_(None), r.next_check_at > _DUE)
+    )
+    changed: list[ColumnElement[bool]] = [brought_forward]
+    if reopens:
+        reopen = and_(r.tracking != pending, not_(exists().where(Asset.id == _ASSET_ID)))
+        changed.append(reopen)
+        changes = {
+            "tracking": case((reopen, pending), else_=r.tracking),
+            "settled_at": case((reopen, null()), else_=r.settled_at),
+            "attempts": case((reopen, _const(0)), else_=r.attempts),
+            "next_check_at": case(
+                (reopen, _DUE), (r.tracking == pending, earlier), else_=r.next_check_at
+            ),
+        }
     else:
-        pending = _const("pending")
-        earlier = _earlier(r.next_check_at, _DUE)
-        if reopens:
-            reopen = and_(r.tracking != pending, not_(exists().where(Asset.id == _ASSET_ID)))
-            changes = {
-                "tracking": case((reopen, pending), else_=r.tracking),
-                "settled_at": case((reopen, null()), else_=r.settled_at),
-                "attempts": case((reopen, _const(0)), else_=r.attempts),
-                "next_check_at": case(
-                    (reopen, _DUE), (r.tracking == pending, earlier), else_=r.next_check_at
-                ),
-            }
-        else:
-            changes = {
-                "next_check_at": case((r.tracking == pending, earlier), else_=r.next_check_at)
-            }
-        if edit:
-            edit_status = bindparam("edit_status", type_=String())
-            failed = _const("failed")
-            changes["status"] = case((r.status == failed, failed), else_=edit_status)
-    return cast(Insert, stmt.on_conflict_do_update(index_elements=[r.id], set_=changes))
+        changes = {"next_check_at": case((r.tracking == pending, earlier), else_=r.next_check_at)}
+    if edit:
+        edit_status = bindparam("edit_status", type_=String())
+        failed = _const("failed")
+        changes["status"] = case((r.status == failed, failed), else_=edit_status)
+        changed.append(and_(r.status != failed, r.status != edit_status))
+    upsert = stmt.on_conflict_do_update(index_elements=[r.id], set_=changes, where=or_(*changed))
+    return cast(Insert, upsert)
 
 
 def _render_params(
