@@ -224,24 +224,32 @@ def closed_loop(port: int, *, seconds: float, tag: str) -> tuple[float, int]:
 
 
 def open_loop(port: int, *, rate: float, seconds: float, tag: str) -> tuple[list[float], int]:
-    """Send at a fixed rate whatever the answers do; latency counts from the scheduled time."""
+    """Send at a fixed rate whatever the answers do; latency counts from the scheduled time.
+
+    Each client connects and sends one unmeasured callback before the schedule starts, so
+    that the figures are of a steady load, not of 32 connections opened in the same instant.
+    """
     feed = Feed(tag)
     total = int(rate * seconds)
     latencies: list[float] = []
     errors = [0]
     lock = threading.Lock()
     slot = [0]
-    start = time.monotonic() + 0.2
+    clients = CONNECTIONS * 2
+    ready = threading.Barrier(clients + 1)
+    start = [0.0]
 
     def run() -> None:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        post(conn, feed.body())
+        ready.wait()
         while True:
             with lock:
                 n = slot[0]
                 slot[0] += 1
             if n >= total:
                 break
-            due = start + n / rate
+            due = start[0] + n / rate
             delay = due - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
@@ -254,9 +262,11 @@ def open_loop(port: int, *, rate: float, seconds: float, tag: str) -> tuple[list
                     errors[0] += 1
         conn.close()
 
-    threads = [threading.Thread(target=run) for _ in range(CONNECTIONS * 2)]
+    threads = [threading.Thread(target=run) for _ in range(clients)]
     for t in threads:
         t.start()
+    start[0] = time.monotonic() + 0.2
+    ready.wait()
     for t in threads:
         t.join()
     return latencies, errors[0]
@@ -280,7 +290,7 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--threads", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args()
 
