@@ -411,7 +411,10 @@ def receive() -> Response:
             outcome = store(session, found, now=now, grace=settings.reconcile_grace)
     except DuplicateEvent:
         outcome = "duplicate"
-    log.info(
+    # Every callback is in webhook_events (and in the access log): the line is for what is
+    # out of the ordinary, and the common case costs no formatting unless LOG_LEVEL=DEBUG.
+    log.log(
+        logging.DEBUG if outcome == "processed" else logging.INFO,
         "callback stored",
         extra={
             "outcome": outcome,

@@ -161,7 +161,7 @@ def test_metrics_are_summed_across_gunicorn_workers(gunicorn: Callable[..., Web]
             pids = {
                 line["pid"]
                 for line in log_lines(web.log.read_text())
-                if line.get("message") == "callback stored"
+                if line.get("path") == "/webhooks/shotstack"
             }
             if len(pids) >= 2:
                 break
