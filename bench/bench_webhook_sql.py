@@ -3,8 +3,10 @@
 pgbench (a C client: 16 connections, prepared statements) runs each transaction as the web
 processes send it to Postgres: the floor's BEGIN, upsert, COMMIT (bench/floor_app.py), and the
 service's BEGIN, event INSERT, SAVEPOINT and render+asset upsert in one pipeline, then COMMIT
-(service/webhooks.py, whose statements are compiled here). Prints transactions/s of both and
-their ratio: what the write of SPEC §3 costs the database itself, whatever Python costs.
+(service/webhooks.py, whose statements are compiled here); and, third, the same statements
+inside the PL/pgSQL function of floor_app.py's service-function mode, one call in autocommit.
+Prints transactions/s of each and the ratios to the floor: what the write of SPEC §3 costs
+the database itself, whatever Python costs.
 bench_webhooks.py's ratio cannot go above this one by much, since the web process shares the
 machine's CPUs with Postgres.
 
@@ -26,6 +28,7 @@ import tempfile
 from pathlib import Path
 
 from bench_webhooks import database_url, prepare_database
+from floor_app import service_function
 from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -104,6 +107,13 @@ def _checked(sql: str) -> str:
     return sql
 
 
+def function_call() -> str:
+    """floor_app's call of the PL/pgSQL function, its text arguments written in."""
+    _, call = service_function()
+    call = re.sub(r"%\([eu]_(\w+)\)s", lambda m: f"({VALUES[m.group(1)]})::text", call)
+    return _checked(call + ";")
+
+
 def scripts(directory: Path) -> dict[str, Path]:
     event = pgbench_sql(_event_insert("postgresql", skip_duplicate=False))
     upsert = pgbench_sql(_asset_upsert("postgresql", lookup=False, with_render=True))
@@ -118,6 +128,7 @@ def scripts(directory: Path) -> dict[str, Path]:
             r"\endpipeline",
             "COMMIT;",
         ],
+        "service-function": [function_call()],
     }
     paths = {}
     for name, lines in texts.items():
@@ -153,7 +164,7 @@ def main() -> int:
         print("SKIPPED: pgbench is not installed (it comes with Postgres's packages)")
         return 0
     prepare_database()
-    rates: dict[str, list[float]] = {"floor": [], "service": []}
+    rates: dict[str, list[float]] = {"floor": [], "service": [], "service-function": []}
     with tempfile.TemporaryDirectory() as tmp:
         paths = scripts(Path(tmp))
         for _ in range(args.rounds):  # take turns, as bench_webhooks.py does
@@ -163,8 +174,10 @@ def main() -> int:
     print("pgbench, 16 connections, prepared statements, one callback per transaction")
     for name, values in rates.items():
         rounds = ", ".join(f"{r:.0f}" for r in values)
-        print(f"{name + ':':9s} {median[name]:8.0f} transactions/s  (rounds: {rounds})")
+        print(f"{name + ':':18s} {median[name]:8.0f} transactions/s  (rounds: {rounds})")
     print(f"ratio service/floor in Postgres alone: {median['service'] / median['floor']:.2f}")
+    function = median["service-function"] / median["floor"]
+    print(f"  the same statements in one PL/pgSQL function (autocommit): {function:.2f}")
     return 0
 
 
