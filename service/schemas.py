@@ -16,6 +16,9 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
 )
 
 AssetStatus = Literal["importing", "ready", "failed", "deleted"]
@@ -31,7 +34,10 @@ ShotstackId = Annotated[
 
 
 def _as_utc(value: datetime) -> datetime:
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    try:
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    except OverflowError:  # 0001-01-01T00:00+01:00 is a year 0 in UTC
+        raise ValueError("the time is out of range in UTC") from None
 
 
 def _comma_list(value: Any) -> Any:
@@ -56,6 +62,21 @@ QueryTimestamp = Annotated[Timestamp, BeforeValidator(_plus_back)]
 # --- Callbacks from Shotstack (SPEC §3) -----------------------------------------------------
 
 
+def _absent_if_unreadable(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    """Read a field that a callback can do without as absent when it cannot be read.
+
+    Its text stays in the stored event; the callback is not refused for it (SPEC §3 refuses
+    only a known callback without a required field).
+    """
+    try:
+        return handler(value)
+    except ValidationError:
+        return None
+
+
+Lenient = WrapValidator(_absent_if_unreadable)
+
+
 class Callback(BaseModel):
     """Fields common to both known callbacks; unknown extra fields are kept."""
 
@@ -63,10 +84,11 @@ class Callback(BaseModel):
 
     id: ShotstackId
     status: Annotated[str, StringConstraints(min_length=1, max_length=64)]
-    owner: str | None = None
+    owner: Annotated[str | None, Lenient] = None
+    # Not lenient: the URL tells whose copy this is (ours on the CDN, or an S3 or Mux one).
     url: str | None = None
     error: Any = None
-    completed: Timestamp | None = None
+    completed: Annotated[Timestamp | None, Lenient] = None
 
 
 class EditCallback(Callback):
@@ -78,8 +100,8 @@ class ServeCallback(Callback):
     type: Literal["serve"]
     action: Literal["copy"]
     render: ShotstackId
-    filename: str | None = None
-    updated: Timestamp | None = None
+    filename: Annotated[str | None, Lenient] = None
+    updated: Annotated[Timestamp | None, Lenient] = None
 
 
 class WebhookAnswer(BaseModel):

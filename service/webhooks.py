@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 import psycopg
 from flask import Blueprint, Flask, Response, current_app, request
+from gunicorn.http.errors import ParseException  # type: ignore[import-untyped]
 from psycopg.types.json import Jsonb
 from pydantic import ValidationError
 from sqlalchemy import bindparam, literal_column, null, update
@@ -65,10 +66,15 @@ def _body_key(body: bytes) -> str:
     return "sha256:" + hashlib.sha256(body).hexdigest()
 
 
-def _on_our_cdn(url: str | None, env: str) -> bool:
-    """True for a Shotstack CDN URL of this environment (`/{region}/{env}/{owner}/{file}`)."""
-    if url is None:  # a failed copy may carry no URL; the lookup will tell
-        return True
+def _on_our_cdn(callback: ServeCallback, env: str) -> bool:
+    """True for a copy on Shotstack's CDN in this environment (`/{region}/{env}/{owner}/{file}`).
+
+    A copy that failed, or is still importing, may carry no URL: the lookup will tell. A
+    `ready` copy on the CDN always has one; without one it is another destination's.
+    """
+    url = callback.url
+    if url is None:
+        return callback.status != "ready"
     parts = urlsplit(url)
     segments = parts.path.strip("/").split("/")
     return parts.hostname == CDN_HOST and len(segments) >= 4 and segments[1] == env
@@ -146,16 +152,22 @@ def classify(body: bytes, settings: Settings) -> Classified:
             error=f"/{where}: {first['msg']}",
             pointer=f"/{where}",
         )
-    key = f"{callback.type}:{callback.action}:{callback.id}:{callback.status}"
     columns = _columns(payload)
     if isinstance(callback, EditCallback):
         state = "processed" if callback.status in ("done", "failed") else "ignored"
-    elif not _on_our_cdn(callback.url, settings.shotstack_env):
+    elif not _on_our_cdn(callback, settings.shotstack_env):
         state = "ignored"
     elif callback.status in CALLBACK_STATUSES:
         state = "processed"
     else:  # `deleted` or unheard of: only a lookup may apply it (SPEC §3)
         state = "unconfirmed"
+    # A known payload's key names what it says; an ignored one (an S3 or Mux copy, another
+    # environment's) keys on its body, so that it never takes the key of the CDN copy's.
+    key = (
+        _body_key(body)
+        if state == "ignored"
+        else f"{callback.type}:{callback.action}:{callback.id}:{callback.status}"
+    )
     return Classified(state, 200, key, payload=payload, callback=callback, columns=columns)
 
 
@@ -385,7 +397,15 @@ def _token_ok(settings: Settings) -> bool:
 def _read_body() -> bytes:
     """Read at most MAX_BODY bytes; 413 for more, declared or sent (chunked)."""
     declared = request.content_length or 0
-    body = b"" if declared > MAX_BODY else request.stream.read(MAX_BODY + 1)
+    try:
+        body = b"" if declared > MAX_BODY else request.stream.read(MAX_BODY + 1)
+    except (ParseException, OSError) as exc:  # gunicorn's: broken chunked framing, cut body
+        raise ApiError(
+            f"the body could not be read: {type(exc).__name__}",
+            status=400,
+            code="unreadable_body",
+            title="Bad request",
+        ) from None
     if declared > MAX_BODY or len(body) > MAX_BODY:
         raise ApiError(
             f"the body is larger than {MAX_BODY} bytes",

@@ -185,6 +185,8 @@ NUMBER_ID_CURSOR = b'["2024-01-01T00:00:00Z", 7]'
         ("filter[kind]=movie", "filter[kind]"),
         ("filter[seenAfter]=yesterday", "filter[seenAfter]"),
         ("filter[seenBefore]=2024-13-01", "filter[seenBefore]"),
+        ("filter[seenAfter]=0001-01-01T00:00:00%2B01:00", "filter[seenAfter]"),  # was a 500
+        ("filter[seenBefore]=9999-12-31T23:59:59-01:00", "filter[seenBefore]"),
         ("filter[renderId]=", "filter[renderId]"),
         ("page[size]=0", "page[size]"),
         ("page[size]=501", "page[size]"),
@@ -207,6 +209,8 @@ NUMBER_ID_CURSOR = b'["2024-01-01T00:00:00Z", 7]'
         "bad-kind",
         "bad-date",
         "impossible-date",
+        "before-year-1-in-utc",
+        "after-year-9999-in-utc",
         "empty-render",
         "size-0",
         "size-501",

@@ -177,6 +177,27 @@ def test_metrics_are_summed_across_gunicorn_workers(gunicorn: Callable[..., Web]
     web.stop()
 
 
+def test_a_callback_whose_chunked_body_is_broken_is_400_without_a_traceback(
+    gunicorn: Callable[..., Web],
+) -> None:
+    web = gunicorn(WEB_CONCURRENCY="1")
+    host, port = web.url.removeprefix("http://").split(":")
+    request = (
+        f"POST /webhooks/shotstack?token={WEBHOOK_TOKEN} HTTP/1.1\r\nHost: {host}\r\n"
+        "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
+        "Connection: close\r\n\r\nzz\r\n{}\r\n0\r\n\r\n"
+    )
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(request.encode())
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400"), answer
+    assert json.loads(body)["errors"][0]["code"] == "unreadable_body"
+    assert "Traceback" not in web.stop()
+
+
 def test_a_slow_shotstack_call_does_not_hold_up_callbacks(
     gunicorn: Callable[..., Web], standin: ServeStandIn
 ) -> None:
