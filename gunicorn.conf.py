@@ -8,11 +8,14 @@ call must never hold the thread that a callback needs.
 from __future__ import annotations
 
 import glob
+import json
 import os
 import shutil
 import sys
 import tempfile
 from typing import Any
+
+import gunicorn.util
 
 from service.config import ConfigError, load_settings
 
@@ -28,6 +31,8 @@ except ConfigError as exc:
 # thread of a worker, and the other threads keep answering callbacks. gthread also keeps
 # its heartbeat on the main thread, so a long request never looks like a hung worker.
 worker_class = "gthread"
+
+
 # WEB_CONCURRENCY is the platform's convention for the number of processes. The default of
 # two per core (at least 2) keeps one crash or GC pause from stalling everything; each has
 # `threads` threads, well within the database pool of each process (5 + 10 overflow).
@@ -64,6 +69,31 @@ control_socket_disable = True
 accesslog = "-"
 errorlog = "-"
 logger_class = "service.logs.GunicornLogger"
+
+
+def _json_error(sock: Any, status_int: int, reason: str, mesg: str) -> None:
+    """gunicorn's own refusals (a request line or headers too long, a request it cannot
+    parse) as JSON:API errors like every other answer, not its HTML page (SPEC §4)."""
+    from gunicorn.util import write_nonblock
+
+    from service.logs import redact  # the detail may quote the request line, token and all
+
+    error = {
+        "status": str(status_int),
+        "code": reason.lower().replace(" ", "_"),
+        "title": reason,
+        "detail": redact(mesg) or reason,
+    }
+    body = json.dumps({"errors": [error]}).encode()
+    head = (
+        f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\n"
+        f"Content-Type: application/vnd.api+json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    write_nonblock(sock, head.encode("latin-1") + body)
+
+
+# gunicorn has no setting for its error page; its workers call this function by name.
+gunicorn.util.write_error = _json_error
 
 # Metrics from all worker processes are summed by prometheus_client's multiprocess mode: each
 # process writes its values to files in this directory. It must be set before the app (and

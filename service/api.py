@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import math
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -315,13 +316,25 @@ def _look_up_render(session: Session, render_id: str) -> list[Asset]:
 
     Taking the turn tracks the render from then on, even if Shotstack then fails.
     """
-    asks = _claim_lookup(session, render_id, now=utcnow())
+    now = utcnow()
+    asks = _claim_lookup(session, render_id, now=now)
     session.commit()  # no transaction is held across a call to Shotstack (SPEC §4)
-    if asks:
-        found = _ask_shotstack(lambda client: client.assets_by_render(render_id))
-        _record(session, found)
-        with session.begin():  # like any lookup by render id, it may settle the render
-            domain.settle_render(session, render_id, found, now=utcnow())
+    if not asks:
+        # Another request asked within 5 s, and its answer may still be on the way: an empty
+        # list would say "no assets" for a render nobody may ask about yet (SPEC §4's limit).
+        last = session.scalar(select(Render.last_lookup_at).where(Render.id == render_id))
+        wait = RENDER_LOOKUP_EVERY - (now - last) if last else RENDER_LOOKUP_EVERY
+        seconds = min(max(math.ceil(wait.total_seconds()), 1), 5)
+        raise Unavailable(
+            f"Shotstack was asked about this render less than 5 s ago and no asset is known"
+            f" here yet; retry in {seconds} s",
+            code="render_lookup_rate_limited",
+            headers={"Retry-After": str(seconds)},
+        )
+    found = _ask_shotstack(lambda client: client.assets_by_render(render_id))
+    _record(session, found)
+    with session.begin():  # like any lookup by render id, it may settle the render
+        domain.settle_render(session, render_id, found, now=utcnow())
     return domain.render_assets(session, render_id)
 
 
@@ -354,6 +367,13 @@ def init_app(app: Flask) -> None:
     # The API is the web app's one caller of Shotstack: its client is made with it, after fork.
     shotstack.init_app(app)
     app.register_blueprint(bp)
+
+    @app.before_request
+    def _unknown_api_routes_need_a_key_too() -> None:
+        """SPEC §4: every /api request needs a key; a route that matched none is no exception
+        (the blueprint's own hooks run only for its routes)."""
+        if request.blueprint is None and f"{request.path}/".startswith(f"{bp.url_prefix}/"):
+            authenticate()
 
 
 __all__ = ["bp", "error_response", "init_app"]

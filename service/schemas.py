@@ -24,11 +24,12 @@ from pydantic import (
 AssetStatus = Literal["importing", "ready", "failed", "deleted"]
 AssetKind = Literal["video", "image", "audio", "poster", "thumbnail", "other"]
 # No control character: Postgres text cannot hold a NUL, a newline cannot go in a Location
-# header (it was a 500), and no Shotstack id has one.
+# header (it was a 500), and no Shotstack id has one. No `/` either: the id is one segment
+# of /api/renders/{id}, and a render "a/b" could never be read back.
 ShotstackId = Annotated[
     str,
     StringConstraints(
-        min_length=1, max_length=255, strip_whitespace=True, pattern=r"^[^\x00-\x1f\x7f]*$"
+        min_length=1, max_length=255, strip_whitespace=True, pattern=r"^[^\x00-\x1f\x7f/]*$"
     ),
 ]
 

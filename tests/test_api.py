@@ -377,6 +377,7 @@ def test_a_query_on_a_render_is_400(client: FlaskClient, auth: dict[str, str]) -
         (b'{"data": {"type": "renders", "id": 5}}', "/data/id"),
         (b'{"data": {"type": "renders", "id": "r-1\\nSet-Cookie: x=1"}}', "/data/id"),
         (b'{"data": {"type": "renders", "id": "r-1\\u0000"}}', "/data/id"),
+        (b'{"data": {"type": "renders", "id": "a/b"}}', "/data/id"),  # unreadable at its URL
     ],
     ids=[
         "not-json",
@@ -389,6 +390,7 @@ def test_a_query_on_a_render_is_400(client: FlaskClient, auth: dict[str, str]) -
         "int-id",
         "newline-id",
         "nul-id",
+        "slash-id",
     ],
 )
 def test_a_bad_render_document_is_400_with_a_pointer(
@@ -489,6 +491,25 @@ def test_routing_errors_are_json_api(
     if status == 405:
         assert method not in response.headers["Allow"]
         assert response.headers["Allow"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("GET", "/api/nope", 401),
+        ("GET", "/api", 401),
+        ("POST", "/api/assets", 401),
+        ("GET", "/nope", 404),  # outside /api: no key needed to hear it does not exist
+        ("GET", "/apinope", 404),
+    ],
+)
+def test_a_route_under_api_that_matches_nothing_still_needs_a_key(
+    client: FlaskClient, method: str, path: str, status: int
+) -> None:
+    response = client.open(path, method=method)
+    _assert_error(response, status)
+    if status == 401:
+        assert response.headers["WWW-Authenticate"] == "Bearer"
 
 
 def test_a_crash_is_a_json_500_without_traceback_or_detail(

@@ -177,25 +177,51 @@ def test_metrics_are_summed_across_gunicorn_workers(gunicorn: Callable[..., Web]
     web.stop()
 
 
-def test_a_callback_whose_chunked_body_is_broken_is_400_without_a_traceback(
-    gunicorn: Callable[..., Web],
-) -> None:
-    web = gunicorn(WEB_CONCURRENCY="1")
+def _raw(web: Web, request: str) -> tuple[bytes, dict[str, Any]]:
+    """Send `request` as it is written; return the status line and the JSON body."""
     host, port = web.url.removeprefix("http://").split(":")
-    request = (
-        f"POST /webhooks/shotstack?token={WEBHOOK_TOKEN} HTTP/1.1\r\nHost: {host}\r\n"
-        "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
-        "Connection: close\r\n\r\nzz\r\n{}\r\n0\r\n\r\n"
-    )
     with socket.create_connection((host, int(port)), timeout=10) as conn:
         conn.sendall(request.encode())
         answer = b""
         while chunk := conn.recv(65536):
             answer += chunk
     head, _, body = answer.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 400"), answer
-    assert json.loads(body)["errors"][0]["code"] == "unreadable_body"
-    assert "Traceback" not in web.stop()
+    assert b"content-type: application/vnd.api+json" in head.lower(), answer
+    return head.split(b"\r\n")[0], json.loads(body)
+
+
+def test_requests_that_gunicorn_or_the_body_reader_refuse_get_json_errors(
+    gunicorn: Callable[..., Web],
+) -> None:
+    """SPEC §4: never an HTML page, also when gunicorn answers before the app; no traceback."""
+    web = gunicorn(WEB_CONCURRENCY="1")
+    chunked = (
+        f"POST /webhooks/shotstack?token={WEBHOOK_TOKEN} HTTP/1.1\r\nHost: x\r\n"
+        "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
+        "Connection: close\r\n\r\nzz\r\n{}\r\n0\r\n\r\n"
+    )
+    status, body = _raw(web, chunked)
+    assert status == b"HTTP/1.1 400 BAD REQUEST"
+    assert body["errors"][0]["code"] == "unreadable_body"
+
+    long_uri = f"GET /api/assets/{'x' * 5000} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    status, body = _raw(web, long_uri)
+    assert status == b"HTTP/1.1 414 URI Too Long"
+    assert body["errors"][0]["status"] == "414"
+
+    big_header = f"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: {'y' * 9000}\r\n\r\n"
+    status, body = _raw(web, big_header)
+    assert status == b"HTTP/1.1 431 Request Header Fields Too Large"
+    assert body["errors"][0]["title"] == "Request Header Fields Too Large"
+
+    # gunicorn quotes a target it cannot take in its detail: the token is redacted there.
+    bad_target = f"GET /webhooks/shotstack?token={WEBHOOK_TOKEN}&x=\x7f HTTP/1.1\r\n\r\n"
+    status, body = _raw(web, bad_target)
+    assert status.startswith(b"HTTP/1.1 400")
+    assert "[REDACTED]" in body["errors"][0]["detail"]
+    assert WEBHOOK_TOKEN not in json.dumps(body)
+    log = web.stop()
+    assert "Traceback" not in log and WEBHOOK_TOKEN not in log
 
 
 def test_a_slow_shotstack_call_does_not_hold_up_callbacks(
