@@ -45,7 +45,11 @@ ERRORS = {
     415: "The body is not `application/vnd.api+json` (ext/profile only) or `application/json`.",
     422: "A known callback without a required field; it is stored as rejected.",
     502: "Shotstack failed (5xx, timeout, or a key or environment problem); nothing changed.",
-    503: "The database is unavailable, or Shotstack is rate-limiting us; see `Retry-After`.",
+    503: (
+        "The database is unavailable, Shotstack is rate-limiting us, or (a render's assets)"
+        " Shotstack was asked about the render less than 5 s ago and nothing is known yet;"
+        " see `Retry-After`."
+    ),
 }
 RETRY_AFTER = {
     "Retry-After": {
