@@ -205,6 +205,12 @@ def init_app(app: Flask) -> None:
 # --- gunicorn -----------------------------------------------------------------------------
 
 
+_SHOTSTACK_HEADERS = (
+    ("shotstack_attempt", "HTTP_X_SHOTSTACK_ATTEMPT"),
+    ("shotstack_event_type", "HTTP_X_SHOTSTACK_EVENT_TYPE"),
+)
+
+
 class GunicornLogger(_GunicornLogger):  # type: ignore[misc]  # gunicorn ships no types
     """gunicorn's logger, writing the same JSON lines to stdout, with no query string.
 
@@ -248,5 +254,12 @@ class GunicornLogger(_GunicornLogger):  # type: ignore[misc]  # gunicorn ships n
                 "remote": environ.get("REMOTE_ADDR"),
                 "user_agent": environ.get("HTTP_USER_AGENT"),
                 "request_id": headers.get(REQUEST_ID_HEADER.lower()),
+                # Shotstack's publisher sends these; they are not documented, so they are only
+                # logged (shotstack-facts.md §1.6), for a callback's story across its retries.
+                **{
+                    name: value[:100]
+                    for name, key in _SHOTSTACK_HEADERS
+                    if (value := environ.get(key))
+                },
             },
         )

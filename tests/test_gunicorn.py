@@ -267,7 +267,12 @@ def test_no_secret_reaches_the_web_or_worker_logs(
     assert post(web.url, serve_callback("sa-0", "sr-1"), token="rotated-token-xyz").ok
     assert post(web.url, {"not": "a callback"}).status_code == 200
     assert post(web.url, serve_callback("sa-9"), token="wrong-token").status_code == 401
-    headers = {"X-Webhook-Token": WEBHOOK_TOKEN, "Connection": "close"}
+    headers = {
+        "X-Webhook-Token": WEBHOOK_TOKEN,
+        "Connection": "close",
+        "X-Shotstack-Attempt": "3",  # as Shotstack's publisher sends them
+        "X-Shotstack-Event-Type": "serve",
+    }
     assert (
         requests.post(
             f"{web.url}/webhooks/shotstack", data=b"{bad", headers=headers, timeout=10
@@ -325,6 +330,8 @@ def test_no_secret_reaches_the_web_or_worker_logs(
     access = [line for line in log_lines(web_log) if line.get("logger") == "gunicorn.access"]
     assert any(line["path"] == "/webhooks/shotstack" and line["status"] == 401 for line in access)
     assert all(line["request_id"] for line in access)
+    sent = {(line.get("shotstack_attempt"), line.get("shotstack_event_type")) for line in access}
+    assert ("3", "serve") in sent  # Shotstack's headers, logged (shotstack-facts.md §1.6)
     assert "answered 500" in web_log  # Shotstack's failure was logged, its URL too
     assert log_lines(worker_log), worker_log[-2000:]
 
