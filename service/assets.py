@@ -112,7 +112,7 @@ def _insert(dialect: str, table: Any) -> Any:
     return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
 
 
-def _dialect(session: Session) -> str:
+def dialect_of(session: Session) -> str:
     return session.get_bind().dialect.name
 
 
@@ -255,7 +255,7 @@ def track_render(
     render is re-opened, since a lookup has not seen that asset.
     """
     write = render_write(
-        _dialect(session),
+        dialect_of(session),
         render_id,
         now=now,
         grace=grace,
@@ -351,7 +351,7 @@ def record_asset(
     Also tracks its render, re-opening it when the asset is new. A lookup fills what it knows
     over what callbacks said; a callback only fills what is still empty.
     """
-    writes = asset_writes(_dialect(session), facts, source=source, now=now, grace=grace)
+    writes = asset_writes(dialect_of(session), facts, source=source, now=now, grace=grace)
     execute_writes(session, writes)
 
 

@@ -48,16 +48,15 @@ def init_env(path: Path) -> None:
 
 
 def _settings() -> Settings:
-    try:
-        return load_settings()
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
-
-
-def _start_logging(settings: Settings) -> None:
+    """The settings of a command, refused in one line when bad; its logging set up from them."""
     from .logs import configure
 
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
     configure(settings)
+    return settings
 
 
 @main.command()
@@ -67,7 +66,6 @@ def worker(once: bool) -> None:
     from .reconciler import run_worker
 
     settings = _settings()
-    _start_logging(settings)
     if not once:
         from .metrics import serve_worker_metrics
 
@@ -124,7 +122,6 @@ def sync_render_command(render_id: str) -> None:
     from .reconciler import sync_render
 
     settings = _settings()
-    _start_logging(settings)
     with _shotstack(settings) as (sessions, client):
         try:
             tracking, found = sync_render(sessions, client, settings, render_id)
@@ -144,7 +141,6 @@ def sync_asset_command(asset_id: str) -> None:
     from .reconciler import sync_asset
 
     settings = _settings()
-    _start_logging(settings)
     with _shotstack(settings) as (sessions, client):
         facts = sync_asset(sessions, client, settings, asset_id)
     if facts is None:
@@ -159,7 +155,6 @@ def replay() -> None:
     from .events import replay as replay_events
 
     settings = _settings()
-    _start_logging(settings)
     engine = make_engine(settings.database_url)
     try:
         report = replay_events(sessionmaker(engine, expire_on_commit=False), settings)
@@ -194,7 +189,6 @@ def purge(days: int, dry_run: bool, yes: bool) -> None:
     from .purge import purge as purge_assets
 
     settings = _settings()
-    _start_logging(settings)
     before = cutoff(days)
     with _shotstack(settings) as (sessions, client):
         with sessions() as session:

@@ -122,6 +122,11 @@ def driver_sql(stmt: ClauseElement) -> str:
     return str(stmt.compile(dialect=_PSYCOPG))
 
 
+def connection_lost(driver: psycopg.Connection[TupleRow], exc: BaseException) -> bool:
+    """True if `exc` leaves `driver` unusable: broken, closed, or cut off (OperationalError)."""
+    return driver.broken or driver.closed or isinstance(exc, psycopg.OperationalError)
+
+
 @contextmanager
 def driver_errors(connection: Connection) -> Iterator[psycopg.Connection[TupleRow]]:
     """Yield the psycopg connection under `connection`; raise its errors as SQLAlchemy would.
@@ -133,7 +138,7 @@ def driver_errors(connection: Connection) -> Iterator[psycopg.Connection[TupleRo
     try:
         yield driver
     except psycopg.Error as exc:
-        broken = driver.broken or driver.closed or isinstance(exc, psycopg.OperationalError)
+        broken = connection_lost(driver, exc)
         if broken:
             connection.invalidate(exc)
         raise DBAPIError.instance(

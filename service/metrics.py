@@ -235,22 +235,18 @@ class TableStatesCollector:
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         values = self.states.values()
-        renders = GaugeMetricFamily(
-            "asset_tracker_renders",
-            f"Renders by tracking state (cached {CACHE_SECONDS:.0f} s).",
-            labels=["tracking"],
-        )
-        for state in TRACKING_STATES:
-            renders.add_metric([state], values.get("renders", {}).get(state, 0.0))
-        assets = GaugeMetricFamily(
-            "asset_tracker_assets",
-            f"Assets by status (cached {CACHE_SECONDS:.0f} s; estimated on big tables).",
-            labels=["status"],
-        )
-        for status in ASSET_STATUSES:
-            assets.add_metric([status], values.get("assets", {}).get(status, 0.0))
-        yield renders
-        yield assets
+        for table, label, states, about in (
+            ("renders", "tracking", TRACKING_STATES, "Renders by tracking state"),
+            ("assets", "status", ASSET_STATUSES, "Assets by status"),
+        ):
+            family = GaugeMetricFamily(
+                f"asset_tracker_{table}",
+                f"{about} (cached {CACHE_SECONDS:.0f} s; estimated on big tables).",
+                labels=[label],
+            )
+            for state in states:
+                family.add_metric([state], values.get(table, {}).get(state, 0.0))
+            yield family
 
 
 def multiprocess_dir() -> str | None:

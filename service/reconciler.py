@@ -590,9 +590,7 @@ class Reconciler:
                 release(session, owner=self.owner, render_ids=[render_id])
             return None
         except ShotstackRateLimited as exc:
-            self.stats.add("rate_limited")
-            self._pause(exc.retry_after)
-            at = utcnow() + timedelta(seconds=exc.retry_after)
+            at = self._rate_limited(exc)
             with self._txn() as session:
                 release(session, owner=self.owner, render_ids=[render_id], not_before=at)
             # A 429 (the whole deployment pauses) or a budget booked past this lease.
@@ -642,6 +640,12 @@ class Reconciler:
         if name:
             self.stats.add(name)
         return outcome
+
+    def _rate_limited(self, exc: ShotstackRateLimited) -> datetime:
+        """Count a 429 and pause this worker for it; return when the call may be made again."""
+        self.stats.add("rate_limited")
+        self._pause(exc.retry_after)
+        return utcnow() + timedelta(seconds=exc.retry_after)
 
     def _auth_problem(self, exc: ShotstackError) -> None:
         self._pause(self.policy.auth_retry)
@@ -705,9 +709,7 @@ class Reconciler:
                 retry_event_later(session, claim, at=utcnow(), error=None, count_attempt=False)
             return False
         except ShotstackRateLimited as exc:
-            self.stats.add("rate_limited")
-            self._pause(exc.retry_after)
-            at = utcnow() + timedelta(seconds=exc.retry_after)
+            at = self._rate_limited(exc)
             with self._txn() as session:
                 retry_event_later(session, claim, at=at, error=None, count_attempt=False)
             return False

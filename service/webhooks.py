@@ -29,11 +29,12 @@ from .assets import (
     AssetFacts,
     Write,
     asset_writes,
+    dialect_of,
     execute_writes,
     render_write,
 )
 from .config import Settings
-from .db import driver_errors, driver_sql, get_session, utcnow
+from .db import connection_lost, driver_errors, driver_sql, get_session, utcnow
 from .jsonapi import ApiError, Unauthorized, error_response
 from .metrics import count_callback
 from .models import Source, WebhookEvent
@@ -210,8 +211,8 @@ def apply_callback(
     session: Session, callback: EditCallback | ServeCallback, *, now: datetime, grace: float
 ) -> None:
     """Apply a stored, known callback to renders and assets."""
-    dialect = session.get_bind().dialect.name
-    execute_writes(session, callback_writes(dialect, callback, now=now, grace=grace))
+    writes = callback_writes(dialect_of(session), callback, now=now, grace=grace)
+    execute_writes(session, writes)
 
 
 _EVENT_COLUMNS = (
@@ -368,7 +369,7 @@ def _store_pipelined(session: Session, found: Classified, *, now: datetime, grac
                 raise DuplicateEvent from None
             failure = exc
         except Exception as exc:
-            if driver.broken or driver.closed or isinstance(exc, psycopg.OperationalError):
+            if connection_lost(driver, exc):
                 raise  # the event cannot be marked either: 503, and Shotstack retries (§3)
             failure = exc
         row = cursor.fetchone() if cursor.pgresult is not None else None
