@@ -26,14 +26,15 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from bench_webhooks import database_url, prepare_database
 from floor_app import service_function
-from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from service.assets import _asset_upsert
+from service.db import driver_sql
 from service.webhooks import _event_insert
 
 ID = "(:n)::text"  # pgbench's random number of each transaction, as text
@@ -92,9 +93,9 @@ FLOOR_UPSERT = (
 )
 
 
-def pgbench_sql(statement: object) -> str:
+def pgbench_sql(statement: Any) -> str:
     """A service statement with its parameters written in, one line, for a pgbench script."""
-    sql = str(statement.compile(dialect=PGDialect_psycopg()))  # type: ignore[attr-defined]
+    sql = driver_sql(statement)
     sql = re.sub(r"%\((\w+)\)s", lambda m: f"({VALUES[m.group(1)]})", sql)
     # The same instant, without a ":00" that pgbench would take for a variable.
     sql = sql.replace("'1970-01-01 00:00:00+00'", "'epoch'")

@@ -27,7 +27,6 @@ from typing import Any
 import psycopg
 from flask import Flask, Response, request
 from psycopg.types.json import Jsonb
-from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
 
 UPSERT = (
     "INSERT INTO floor_callbacks (dedupe_key, payload) VALUES (%s, %s)"
@@ -49,12 +48,12 @@ def _connection(*, autocommit: bool) -> psycopg.Connection[tuple[Any, ...]]:
 def _compiled(*, skip_duplicate: bool) -> tuple[str, str]:
     """The service's event INSERT and asset+render upsert, as psycopg receives them."""
     from service.assets import _asset_upsert
+    from service.db import driver_sql
     from service.webhooks import _event_insert
 
-    dialect = PGDialect_psycopg()  # type: ignore[no-untyped-call]
     event = _event_insert("postgresql", skip_duplicate=skip_duplicate)
     upsert = _asset_upsert("postgresql", lookup=False, with_render=True)
-    return str(event.compile(dialect=dialect)), str(upsert.compile(dialect=dialect))
+    return driver_sql(event), driver_sql(upsert)
 
 
 def _service_params(payload: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
